@@ -58,7 +58,7 @@ class KDConfig:
     lambda_out: float = 1.0
     lambda_feat: float = 0.1
     lambda_task: float = 0.0
-    feature_method: Literal["fitnet", "attention"] = "fitnet"
+    feature_method: str = "fitnet"  # a name in o2mkd_ray.kd.KD_METHODS (fitnet, attention, or registered)
     feature_blocks: list[str] | None = None  # None: every down/mid/up block
 
 

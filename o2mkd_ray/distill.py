@@ -1,0 +1,269 @@
+"""Ray-free distillation of one student on one timestep segment (pure PyTorch).
+
+The Ray layer (``train_loop.py``) wraps :class:`SegmentDistiller` unchanged; ``run_segment`` is the plain
+single-process loop used by ``distill --engine local``, tests and the orchestration benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data import random_flip
+from .kd import FeatureHooks, KDLoss, probe_feature_channels
+from .segments import Segments
+
+TeacherCallable = Callable[..., tuple[torch.Tensor, dict | None]]
+TRAIN_STATE = "train_state.pt"
+MANIFEST = "manifest.json"
+
+
+class SegmentDistiller:
+    """Student k, its EMA, KD loss (with adapters) and optimizer; one ``train_step`` per batch.
+
+    Args:
+        cfg: the resolved config.
+        k: segment index.
+        segments: the timestep segments.
+        scheduler: the teacher's training noise scheduler (``add_noise``).
+        student: the student network (unwrapped).
+        teacher_channels: channels of the teacher's hooked blocks (``{}`` / None: no feature KD).
+        wrap: optional wrapper for the training forward (Ray's ``prepare_model`` → DDP).
+        rank: data-parallel rank (seeds differ per rank).
+    """
+
+    def __init__(self, cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module,
+                 teacher_channels: dict[str, int] | None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 rank: int = 0, device: torch.device | str = "cpu"):
+        self.cfg, self.k, self.segments, self.scheduler = cfg, k, segments, scheduler
+        self.device = torch.device(device)
+        self.student = student.to(self.device)
+        shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        cfg_s = getattr(student, "config", None)
+        if cfg_s is not None and isinstance(getattr(cfg_s, "sample_size", None), int):
+            shape = (cfg_s.in_channels, cfg_s.sample_size, cfg_s.sample_size)
+        self.shape = shape
+        student_channels = None
+        if cfg.kd.lambda_feat > 0 and teacher_channels:
+            blocks = [b for b in (cfg.kd.feature_blocks or list(teacher_channels)) if b in teacher_channels]
+            student_channels = probe_feature_channels(self.student, (1, *shape), blocks)
+        self.kd = KDLoss(cfg.kd, student_channels, teacher_channels or None).to(self.device)
+        self.blocks = list(self.kd.blocks) if self.kd.uses_features else []
+        self.hooks = FeatureHooks(self.student, self.blocks) if self.blocks else None
+        self.model = wrap(self.student) if wrap else self.student
+        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        params = [p for p in self.student.parameters()] + [p for p in self.kd.parameters()]
+        self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        tr = cfg.train
+        # linear warmup then cosine decay to 10 % (a standard short-schedule recipe)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt,
+            lambda s: min(1.0, (s + 1) / max(1, tr.warmup_steps))
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / tr.steps)))),
+        )
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(tr.seed * 7919 + 1000 * k + rank)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def make_inputs(self, x_0: torch.Tensor, generator: torch.Generator | None = None):
+        """``x_0: (B, C, H, W)`` → ``(x_t, t, eps)`` with ``t`` uniform inside segment k."""
+        g = generator or self.gen
+        if self.cfg.data.random_flip:
+            x_0 = random_flip(x_0, g)
+        t = self.segments.sample_t(self.k, x_0.shape[0], generator=g)  # (B,)
+        eps = torch.randn(x_0.shape, generator=g)  # (B, C, H, W)
+        x_t = self.scheduler.add_noise(x_0, eps, t)
+        return x_t, t, eps
+
+    def _forward(self, model: nn.Module, x_t, t):
+        out = model(x_t.to(self.device), t.to(self.device))
+        return out.sample if hasattr(out, "sample") else out
+
+    def train_step(self, x_t, t, eps, eps_T, feats_T=None) -> dict[str, float]:
+        """One AdamW step on the KD loss; returns the loss terms, lr and grad norm."""
+        self.model.train()
+        if self.hooks is not None:
+            self.hooks.clear()
+        eps_S = self._forward(self.model, x_t, t)  # (B, C, H, W)
+        feats_S = self.hooks.features if self.hooks is not None else None
+        loss, terms = self.kd(eps_S, eps_T.to(self.device), eps.to(self.device), feats_S,
+                              {k: v.to(self.device) for k, v in feats_T.items()} if feats_T else None)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip or float("inf"))
+        self.opt.step()
+        self.lr_sched.step()
+        self._ema_update()
+        self.step += 1
+        terms.update(lr=self.opt.param_groups[0]["lr"], grad_norm=float(gn))
+        return terms
+
+    @torch.no_grad()
+    def _ema_update(self):
+        # EMA warm-up (as in diffusers' EMAModel): small decay early so the EMA tracks the fast-moving student
+        d = min(self.cfg.train.ema_decay, (1 + self.step) / (10 + self.step))
+        for pe, p in zip(self.ema.parameters(), self.student.parameters()):
+            pe.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def val_loss(self, batches: list[tuple]) -> float:
+        """Output-KD MSE of the EMA student on fixed held-out ``(x_t, t, eps_T)`` batches (selects "best")."""
+        if not batches:
+            return float("nan")
+        tot = 0.0
+        for x_t, t, eps_T in batches:
+            tot += torch.mean((self._forward(self.ema, x_t, t) - eps_T.to(self.device)) ** 2).item()
+        return tot / len(batches)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Writes a checkpoint folder atomically (temp folder, then rename) with a manifest of file hashes."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.student.save_pretrained(tmp / "student", safe_serialization=True)
+        self.ema.save_pretrained(tmp / "ema", safe_serialization=True)
+        torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "lr_sched": self.lr_sched.state_dict(),
+                    "kd": self.kd.state_dict(), "gen": self.gen.get_state()}, tmp / TRAIN_STATE)
+        manifest = {"step": self.step, "segment": self.k, "boundaries": list(self.segments.boundaries),
+                    "config_hash": config_hash(self.cfg), "files": _hash_files(tmp), **(extra or {})}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    def load(self, directory: str | Path) -> dict:
+        """Restores student, EMA, optimizer, KD adapters and step from a checkpoint folder (verified)."""
+        from diffusers import UNet2DModel
+
+        directory = Path(directory)
+        manifest = verify_checkpoint(directory)
+        cls = type(self.student) if hasattr(self.student, "from_pretrained") else UNet2DModel
+        self.student.load_state_dict(cls.from_pretrained(directory / "student").state_dict())
+        self.ema.load_state_dict(cls.from_pretrained(directory / "ema").state_dict())
+        state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.lr_sched.load_state_dict(state["lr_sched"])
+        self.kd.load_state_dict(state["kd"])
+        self.gen.set_state(state["gen"])
+        self.step = int(state["step"])
+        return manifest
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of the parts of the config that define what a segment's checkpoint means."""
+    d = cfg.to_dict()
+    keep = {k: d[k] for k in ("teacher", "segments", "students", "kd", "data")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hash_files(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing files, truncated, or from another run."""
+
+
+def verify_checkpoint(directory: str | Path, cfg: Config | None = None) -> dict:
+    """Checks a checkpoint's manifest and file hashes (and config hash when ``cfg`` is given); returns the manifest."""
+    directory = Path(directory)
+    mf = directory / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(f"checkpoint {str(directory)!r}: no {MANIFEST}; not an o2mkd-ray checkpoint")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: {MANIFEST} is corrupted") from None
+    actual = _hash_files(directory)
+    for name, digest in manifest.get("files", {}).items():
+        if actual.get(name) != digest:
+            raise CheckpointError(f"checkpoint {str(directory)!r}: {name} is missing or truncated (hash mismatch)")
+    if cfg is not None and manifest.get("config_hash") != config_hash(cfg):
+        raise CheckpointError(f"checkpoint {str(directory)!r} was written by a different config")
+    return manifest
+
+
+def fixed_val_batches(distiller: SegmentDistiller, dataset, teacher: TeacherCallable, n: int,
+                      batch_size: int) -> list[tuple]:
+    """Held-out ``(x_t, t, eps_T)`` batches from a fixed generator, the same for every rank and every resume."""
+    if n <= 0:
+        return []
+    g = torch.Generator().manual_seed(10_000 + distiller.k)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(dataset), (batch_size,), generator=g)
+        x_0 = torch.stack([dataset[int(i)][0] for i in idx])
+        t = distiller.segments.sample_t(distiller.k, batch_size, generator=g)
+        eps = torch.randn(x_0.shape, generator=g)
+        x_t = distiller.scheduler.add_noise(x_0, eps, t)
+        eps_T, _ = teacher(x_t, t, features=False)
+        out.append((x_t, t, eps_T))
+    return out
+
+
+def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module, teacher: TeacherCallable,
+                teacher_channels: dict | None, dataset, ckpt_dir: str | Path | None = None,
+                on_report: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
+    """The plain single-process training loop for segment k (no Ray).
+
+    Args:
+        teacher: ``teacher(x_t, t, features) -> (eps_T, feats_T)``.
+        ckpt_dir: where to write ``checkpoint_NNNNNN`` folders every ``train.checkpoint_every`` steps (optional).
+        on_report: called with the metrics dict every ``checkpoint_every`` steps.
+    Returns:
+        A summary: steps, final_loss, val_loss, samples_per_s, started_at, finished_at, history.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import infinite, make_loader
+
+    dist = SegmentDistiller(cfg, k, segments, scheduler, student, teacher_channels)
+    loader = infinite(make_loader(dataset, cfg.train.batch_size, cfg.train.seed + k))
+    val = fixed_val_batches(dist, dataset, teacher, cfg.train.val_batches, cfg.train.batch_size)
+    started, history, recent = time.time(), [], []
+    t_train = 0.0
+    bar = tqdm(total=cfg.train.steps, desc=f"seg-{k:02d}", disable=not progress)
+    while dist.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        (x_0,) = next(loader)
+        x_t, t, eps = dist.make_inputs(x_0)
+        eps_T, feats_T = teacher(x_t, t, features=bool(dist.blocks))
+        terms = dist.train_step(x_t, t, eps, eps_T, feats_T)
+        t_train += time.perf_counter() - t0
+        recent.append(terms["loss"])
+        bar.update(1)
+        if dist.step % cfg.train.checkpoint_every == 0 or dist.step == cfg.train.steps:
+            m = {**terms, "step": dist.step, "loss_avg": sum(recent) / len(recent), "val_loss": dist.val_loss(val),
+                 "samples_per_s": dist.step * x_0.shape[0] / max(t_train, 1e-9)}
+            recent.clear()
+            history.append(m)
+            if ckpt_dir is not None:
+                dist.save(Path(ckpt_dir) / f"checkpoint_{dist.step:06d}")
+            if on_report:
+                on_report(m)
+    bar.close()
+    if not history:
+        warnings.warn(f"segment {k}: no steps were run")
+    last = history[-1] if history else {}
+    return {"steps": dist.step, "final_loss": last.get("loss_avg"), "val_loss": last.get("val_loss"),
+            "samples_per_s": last.get("samples_per_s"), "started_at": started, "finished_at": time.time(),
+            "history": history, "distiller": dist}
