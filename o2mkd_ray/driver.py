@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,7 +98,9 @@ def _init_ray(cfg: Config):
     else:
         os.environ.update(RAY_ENV)  # inherited by the local raylet's workers and the Train controller
         tmp = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="o2mkd-ray-")
-        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=tmp,
+        # the dashboard serves Ray's State API (Train's cleaners poll it) and `ray job`; bound to 127.0.0.1
+        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host=cfg.ray.dashboard_host, _temp_dir=tmp,
                  runtime_env={"env_vars": dict(RAY_ENV)}, **quiet)
     return True, ray.get_runtime_context().gcs_address
 
@@ -183,16 +186,22 @@ def _driver_fault_watch(cfg: Config, storage: Path) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def run_distillation(cfg: Config, out: str | Path, progress: bool = True) -> dict:
+def run_distillation(cfg: Config, out: str | Path, progress: bool = True,
+                     on_progress: Callable[[int, dict], None] | None = None, tracker=None) -> dict:
     """Distils the teacher into ``segments.n`` students, one Ray TorchTrainer per segment, all concurrently.
 
     Args:
         cfg: validated config.
         out: run folder (created; an existing folder with the same config resumes).
+        progress: print one line per segment report.
+        on_progress: called in the driver as ``on_progress(segment, metrics)`` for every report of every
+            segment while training runs (Tune trials use it to report intermediate results).
+        tracker: optional :class:`o2mkd_ray.tracking.RunTracker` (MLflow), fed from the driver side only.
     Returns:
         The report dict (also written to ``OUT/report.json``).
     """
     import ray
+    from ray.util.queue import Empty, Queue
 
     from .teacher import TeacherFn, load_teacher, sample_shape
     from .teacher_service import actor_names, start_teacher
@@ -204,7 +213,9 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True) -> dic
     teacher, scheduler = load_teacher(cfg.teacher)
     shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
     segments = Segments.from_config(cfg.segments, scheduler.config.num_train_timesteps)
+    phases = {"load_s": time.time() - t_start}
     started_ray, address = _init_ray(cfg)
+    phases["ray_init_s"] = time.time() - t_start - sum(phases.values())
     storage = cfg.ray.storage_path or str(out / "ray")
     run_id = hashlib.sha1(str(out).encode()).hexdigest()[:8]
     handles = []
@@ -221,10 +232,14 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True) -> dic
             handles = start_teacher(cfg.teacher, run_id, list(teacher_channels) or None, fault)
             names = actor_names(run_id, cfg.teacher.replicas)
         inits = _student_init(cfg, teacher, segments.n)
+        phases["teacher_service_s"] = time.time() - t_start - sum(phases.values())
         if not storage.startswith(("s3://", "gs://", "abfs://", "hdfs://")):
             _driver_fault_watch(cfg, Path(storage))
         results: dict[int, dict] = {}
         errors: dict[int, BaseException] = {}
+        queue = Queue(actor_options={"num_cpus": 0})
+        listeners = [f for f in (on_progress, tracker.on_progress if tracker else None,
+                                 _print_progress(cfg) if progress else None) if f]
 
         def fit(k: int):
             loop_config = {
@@ -232,6 +247,7 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True) -> dic
                 "scheduler_config": dict(scheduler.config), "teacher_names": names,
                 "teacher_channels": teacher_channels, "feature_blocks": list(teacher_channels) or None,
                 "student_init": [ray.put(inits[k])],  # wrapped in a list: passed as a reference, fetched in the worker
+                "progress": [queue],  # plumbing, not config: never logged
             }
             t0 = time.time()
             result = _trainer(cfg, k, loop_config, storage).fit()
@@ -245,15 +261,31 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True) -> dic
                 "steps": int(metrics.get("step", rv.get("steps", 0))), "resumed_from": rv.get("resumed_from", 0),
                 "final_loss": metrics.get("loss_avg"), "val_loss": metrics.get("val_loss"),
                 "samples_per_s": metrics.get("samples_per_s"), "checkpoint": ckpt.path if ckpt else None,
-                "history": rv.get("history", []),
+                "history": rv.get("history", []), "fit_started_at": t0, "fit_finished_at": time.time(),
+                "worker_entered_at": rv.get("entered_at"),
             }
             with ckpt.as_directory() as d:
                 _save_segment(out, k, Path(d), summary)
             log.warning("segment %d finished: %d steps, loss %.4f", k, summary["steps"], summary["final_loss"] or float("nan"))
             return summary
 
+        def drain(timeout: float) -> None:
+            try:
+                items = [queue.get(timeout=timeout)] + queue.get_nowait_batch(max(0, queue.qsize()))
+            except Empty:
+                return
+            for m in items:
+                for f in listeners:
+                    try:
+                        f(int(m["segment"]), m)
+                    except Exception as e:  # noqa: BLE001 - a listener (e.g. MLflow) must not kill training
+                        log.warning("progress listener failed: %s", e)
+
         with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
             futs = {k: pool.submit(fit, k) for k in todo}
+            while not all(f.done() for f in futs.values()):
+                drain(0.5)
+            drain(0.01)
             for k, f in futs.items():
                 try:
                     results[k] = f.result()
@@ -262,6 +294,7 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True) -> dic
         if errors:
             k, e = next(iter(errors.items()))
             raise RuntimeError(f"segment(s) {sorted(errors)} failed; first error (segment {k}): {e}") from e
+        phases["train_s"] = time.time() - t_start - sum(phases.values())
         teacher_stats = _teacher_stats(handles, cfg)
     finally:
         for h in handles:
@@ -271,8 +304,17 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True) -> dic
                 pass
         if started_ray:
             ray.shutdown()
+    phases["ray_shutdown_s"] = time.time() - t_start - sum(phases.values())
     return finish_run(cfg, out, teacher, scheduler, segments, shape, teacher_stats, t_start,
-                      extra={"engine": "ray", "ray_address": address})
+                      extra={"engine": "ray", "ray_address": address, "phases": phases})
+
+
+def _print_progress(cfg: Config):
+    def show(k: int, m: dict) -> None:
+        print(f"[seg-{k:02d}] step {int(m['step']):>6}/{cfg.train.steps}  loss {m['loss_avg']:.4f}  "
+              f"val {m['val_loss']:.4f}  {m['samples_per_s']:.0f} samples/s", flush=True)
+
+    return show
 
 
 def _teacher_stats(handles, cfg: Config) -> dict:
@@ -302,7 +344,9 @@ def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, s
     seg_reports = []
     for k, (s, st) in enumerate(zip(summaries, students)):
         seg_reports.append({**{key: v for key, v in s.items() if key != "history"}, **costs(st, shape)})
+    t0 = time.time()
     samples = write_samples(cfg, teacher, pipe, scheduler.config, shape, out / "samples.png")
+    samples["wall_s"] = round(time.time() - t0, 2)
     t_cost = costs(teacher, shape)
     report = {
         "name": cfg.name, "out": str(out), "num_segments": segments.n, "boundaries": list(segments.boundaries),

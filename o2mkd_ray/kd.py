@@ -15,6 +15,8 @@ from :data:`KD_METHODS`. Adding a method is one small class::
 
 from __future__ import annotations
 
+import threading
+
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -72,7 +74,8 @@ class FeatureHooks:
             blocks: submodule names; None hooks every :func:`hookable_blocks` entry.
             detach: store detached tensors (for a frozen teacher).
         """
-        self.features: dict[str, Tensor] = {}
+        # per thread: the teacher service runs concurrent forwards of one model in a thread pool
+        self._local = threading.local()
         self.blocks = list(hookable_blocks(model) if blocks is None else blocks)
         self._handles = []
         for name in self.blocks:
@@ -91,9 +94,17 @@ class FeatureHooks:
 
         return hook
 
+    @property
+    def features(self) -> dict[str, Tensor]:
+        """Outputs of the hooked blocks from this thread's latest forward."""
+        d = getattr(self._local, "features", None)
+        if d is None:
+            d = self._local.features = {}
+        return d
+
     def clear(self) -> None:
         """Forgets the stored features (call between steps so the graph is freed)."""
-        self.features = {}
+        self._local.features = {}
 
     def remove(self) -> None:
         """Unregisters the hooks; stored features stay readable."""

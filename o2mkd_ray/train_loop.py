@@ -47,6 +47,7 @@ def _restore(dist, ckpt, cfg) -> int:
 
 def train_loop_per_worker(config: dict) -> dict:
     """Trains student ``config["segment"]`` on its timestep segment; one Ray Train worker of that segment."""
+    entered = time.time()
     from diffusers import DDPMScheduler, UNet2DModel
 
     from .config import from_dict
@@ -95,6 +96,7 @@ def train_loop_per_worker(config: dict) -> dict:
     batches = infinite(loader)
     val = fixed_val_batches(dist, dataset, teacher, cfg.train.val_batches, per_worker)
     fault = cfg.debug
+    progress = (config.get("progress") or [None])[0]  # a ray.util.queue.Queue owned by the driver, or None
     every = cfg.train.checkpoint_every
 
     def next_inputs():
@@ -128,7 +130,12 @@ def train_loop_per_worker(config: dict) -> dict:
                     dist.save(Path(tmp) / "ckpt", extra={"metrics": {k2: v for k2, v in metrics.items()}})
                     checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
                 ray.train.report(metrics, checkpoint=checkpoint)  # every rank reports the same number of times
-    return {"segment": k, "steps": dist.step, "resumed_from": start_step, "started_at": started,
+            if rank == 0 and progress is not None:
+                try:  # live metrics to the driver (MLflow, console, Tune); never fatal to training
+                    progress.put_nowait({"segment": k, **metrics})
+                except Exception as e:  # noqa: BLE001
+                    log.warning("progress queue unavailable (%s); metrics stay in the checkpoint", e)
+    return {"segment": k, "steps": dist.step, "resumed_from": start_step, "entered_at": entered, "started_at": started,
             "finished_at": time.time(), "history": history}
 
 
