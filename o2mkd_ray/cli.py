@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--output", default=None, help="PNG path (default PIPELINE_DIR/../samples_cli.png)")
 
+    from .evaluation import add_eval_parser
+
+    add_eval_parser(sub)
+
     t = sub.add_parser("teacher", help="train a small UNet2DModel teacher (how the embedded default was made)")
     t.add_argument("config")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -111,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
-        return {"distill": _distill, "sample": _sample, "teacher": _teacher}[args.cmd](args)
+        from .evaluation import run_eval_cli
+
+        return {"distill": _distill, "sample": _sample, "teacher": _teacher, "eval": run_eval_cli}[args.cmd](args)
     except ConfigError as e:
         if args.debug:
             raise

@@ -328,7 +328,9 @@ def _teacher_stats(handles, cfg: Config) -> dict:
     fwd = sum(s["forwards"] for s in stats)
     return {**base, "requests": req, "forwards": fwd, "mean_batch": req / max(1, fwd),
             "mean_batch_samples": sum(s["samples"] for s in stats) / max(1, fwd),
-            "busy_s": sum(s["busy_s"] for s in stats)}
+            "busy_s": sum(s["busy_s"] for s in stats),
+            "requests_by_segment": {c: sum(s["by_client"].get(c, 0) for s in stats)
+                                    for c in sorted({c for s in stats for c in s["by_client"]})}}
 
 
 def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, shape, teacher_stats: dict,

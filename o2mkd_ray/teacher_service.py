@@ -51,6 +51,7 @@ class _Server:
         self.stats = {"requests": 0, "samples": 0, "forwards": 0, "busy_s": 0.0, "started_at": time.time(),
                       "pid": os.getpid()}
         self._busy_lock = threading.Lock()
+        self.by_client: dict[str, int] = {}
         self.fault = fault or {}
 
     def ready(self) -> dict:
@@ -63,6 +64,7 @@ class _Server:
         s = dict(self.stats)
         s["mean_batch"] = s["requests"] / max(1, s["forwards"])  # requests merged per forward
         s["mean_batch_samples"] = s["samples"] / max(1, s["forwards"])
+        s["by_client"] = dict(self.by_client)
         return s
 
     def _forward(self, x: np.ndarray, t: np.ndarray, features: bool):
@@ -74,9 +76,10 @@ class _Server:
             self.stats["forwards"] += 1
         return out
 
-    async def predict(self, x_t: np.ndarray, t: np.ndarray, features: bool = False):
+    async def predict(self, x_t: np.ndarray, t: np.ndarray, features: bool = False, client: str = ""):
         """``x_t: (B, C, H, W)``, ``t: (B,)`` numpy → ``(eps_T, feats_T | None)`` numpy."""
         self.stats["requests"] += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
         self.stats["samples"] += int(x_t.shape[0])
         self._maybe_crash()
         fut = asyncio.get_running_loop().create_future()
@@ -166,8 +169,9 @@ class TeacherClient:
     student trains on the current one; ``result`` waits (retrying on a restarting actor).
     """
 
-    def __init__(self, names: list[str], seed: int = 0, retries: int = 20):
+    def __init__(self, names: list[str], seed: int = 0, retries: int = 20, client: str = ""):
         self.names = list(names)
+        self.client = client
         self.rng = random.Random(seed)
         self.retries = retries
         self._handles: dict[str, object] = {}
@@ -184,7 +188,7 @@ class TeacherClient:
 
     def submit(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False):
         name = self.rng.choice(self.names)  # spread load over replicas
-        args = (x_t.detach().cpu().numpy(), t.detach().cpu().numpy(), features)
+        args = (x_t.detach().cpu().numpy(), t.detach().cpu().numpy(), features, self.client)
         return (name, args, self._handle(name).predict.remote(*args), time.perf_counter())
 
     def result(self, pending) -> tuple[torch.Tensor, dict | None]:

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict) -> dict:
     student.load_state_dict({n: torch.from_numpy(a.copy()) for n, a in init["state"].items()})
 
     if cfg.teacher.mode == "actor":
-        teacher = TeacherClient(config["teacher_names"], seed=1000 * k + rank)
+        teacher = TeacherClient(config["teacher_names"], seed=1000 * k + rank, client=f"seg-{k:02d}")
     else:
         from .teacher import TeacherFn, load_teacher
 
@@ -105,7 +105,6 @@ def train_loop_per_worker(config: dict) -> dict:
         return x_t, t, eps, teacher.submit(x_t, t, features=bool(dist.blocks))
 
     t_train, n_samples, recent, history = 0.0, 0, [], []
-    started = time.time()
     cur = next_inputs() if dist.step < cfg.train.steps else None
     while dist.step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -135,7 +134,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     progress.put_nowait({"segment": k, **metrics})
                 except Exception as e:  # noqa: BLE001
                     log.warning("progress queue unavailable (%s); metrics stay in the checkpoint", e)
-    return {"segment": k, "steps": dist.step, "resumed_from": start_step, "entered_at": entered, "started_at": started,
+    return {"segment": k, "steps": dist.step, "resumed_from": start_step, "entered_at": entered, "started_at": entered,
             "finished_at": time.time(), "history": history}
 
 

@@ -54,7 +54,7 @@ def ray_local():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="o2r-")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, configure_logging=False,
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=tmp, configure_logging=False,
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.3",
                                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     yield ray

@@ -1,0 +1,160 @@
+"""The Ray engine for real: N=3 TorchTrainers on a local Ray, `ray job submit` to a real head, driver kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(overrides, *extra):
+    from o2mkd_ray import config
+
+    return config.load(ROOT / "pipelines" / "tiny.yaml", [*overrides, *extra])
+
+
+def test_three_segments_train_concurrently_against_shared_teacher(ray_local, tiny_overrides, tmp_path):
+    from o2mkd_ray import O2MKDPipeline
+    from o2mkd_ray.driver import run_distillation
+
+    seen: list[tuple[int, int]] = []
+    cfg = _cfg(tiny_overrides, "train.steps=60", "train.checkpoint_every=20")
+    report = run_distillation(cfg, tmp_path / "run", progress=False, on_progress=lambda k, m: seen.append((k, m["step"])))
+
+    # three TorchTrainer runs existed, one per segment, each with checkpoints in its own storage folder
+    storage = tmp_path / "run" / "ray"
+    assert sorted(p.name for p in storage.iterdir() if p.is_dir()) == ["seg-00", "seg-01", "seg-02"]
+    for k in range(3):
+        assert list((storage / f"seg-{k:02d}").glob("checkpoint_*")), f"no checkpoint for segment {k}"
+
+    segs = report["segments"]
+    assert [s["boundaries"] for s in segs] == [[0, 333], [333, 667], [667, 1000]]
+    # training windows overlap: every segment started before any other finished
+    assert max(s["started_at"] for s in segs) < min(s["finished_at"] for s in segs)
+    # each student's loss went down (KD loss on held-out x_t of its segment, EMA student)
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    for k in range(3):
+        h = hist[str(k)]
+        assert [m["step"] for m in h] == [20, 40, 60]
+        assert h[-1]["val_loss"] < h[0]["val_loss"], (k, [m["val_loss"] for m in h])
+    # the one teacher actor served all three segments
+    t = report["teacher"]
+    assert t["mode"] == "actor" and t["replicas"] == 1
+    assert set(t["requests_by_segment"]) == {"seg-00", "seg-01", "seg-02"}
+    assert all(n >= 60 for n in t["requests_by_segment"].values())
+    assert t["mean_batch"] >= 1.0 and t["busy_s"] > 0
+    # live progress reached the driver for every segment and step
+    assert sorted(seen) == [(k, s) for k in range(3) for s in (20, 40, 60)]
+
+    pipe = O2MKDPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
+    assert img.shape == (2, 8, 8, 1) and np.isfinite(img).all()
+    assert (tmp_path / "run" / "samples.png").stat().st_size > 1000
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    for s in rep["segments"]:
+        for key in ("index", "boundaries", "started_at", "finished_at", "steps", "final_loss", "samples_per_s",
+                    "params", "macs"):
+            assert key in s, key
+        assert s["steps"] == 60 and s["params"] > 0 and s["macs"] > 0
+    assert {"requests", "mean_batch", "busy_s", "mode", "replicas"} <= set(rep["teacher"]) and rep["wall_s"] > 0
+
+
+def test_local_teacher_mode_and_two_workers_ddp(ray_local, tiny_overrides, tmp_path):
+    """teacher.mode=local (a teacher copy per worker) and a 2-worker DDP segment, fractional CPUs."""
+    from o2mkd_ray.driver import run_distillation
+
+    cfg = _cfg(tiny_overrides, "segments.n=2", "teacher.mode=local", "train.steps=10", "train.checkpoint_every=5",
+               "ray.segment_overrides={'0': {num_workers: 2, cpus_per_worker: 0.25}}")
+    report = run_distillation(cfg, tmp_path / "run", progress=False)
+    assert report["teacher"]["mode"] == "local" and report["teacher"]["requests"] == 0
+    assert [s["steps"] for s in report["segments"]] == [10, 10]
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
+    """`ray start --head` on free ports in a temp dir, the real `ray job submit` CLI, SUCCEEDED, outputs; then
+    stop that cluster only (the blocking head process group, not `ray stop`)."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = _free_port(), _free_port()
+    tmp = Path(f"/tmp/o2r-head-{os.getpid()}")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={tmp}", "--disable-usage-stats",
+         "--include-dashboard=true"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    out = tmp_path / "job_out"
+    try:
+        addr = f"http://127.0.0.1:{dash}"
+        env_job = {**env, "RAY_ADDRESS": addr}
+        deadline = time.time() + 90
+        while True:  # the dashboard's job server answers a few seconds after the head starts
+            r = subprocess.run([str(ray_bin), "job", "list"], env=env_job, capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            assert time.time() < deadline, f"head did not come up: {r.stderr[-2000:]}"
+            time.sleep(2)
+        cmd = [str(ray_bin), "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
+               json.dumps({"excludes": [".venv", "runs", ".git", "*.egg-info"]}), "--",
+               sys.executable, "-m", "o2mkd_ray.cli", "distill", "pipelines/tiny.yaml",
+               "--set", f"teacher.pretrained={tiny_teacher_dir}", "--set", "mlflow.enabled=false",
+               "--set", "eval.enabled=false", "--out", str(out)]
+        r = subprocess.run(cmd, env=env_job, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        jobs = subprocess.run([str(ray_bin), "job", "list"], env=env_job, capture_output=True, text=True).stdout
+        assert "status=<JobStatus.SUCCEEDED" in jobs and "FAILED" not in jobs, jobs[-2000:]
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["engine"] == "ray" and len(rep["segments"]) == 3
+        assert rep["ray_address"] and str(port) in rep["ray_address"]
+        assert (out / "pipeline" / "model_index.json").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_driver_killed_after_first_checkpoint_resumes(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    base = ["distill", str(ROOT / "pipelines" / "tiny.yaml"), "--out", str(out), "--no-eval",
+            *[a for o in tiny_overrides for a in ("--set", o)], "--set", "train.steps=40"]
+    marker = tmp_path / "killed"
+    r1 = run_cli(*base, "--set", "debug.kill_driver_after_checkpoints=3", "--set", f"debug.marker={marker}")
+    assert r1.returncode != 0 and marker.exists(), r1.stderr[-3000:]
+    ckpts = list((out / "ray").glob("seg-*/checkpoint_*"))
+    assert len(ckpts) >= 3 and not (out / "report.json").exists()
+
+    r2 = run_cli(*base)  # the same command again (debug switches are not part of a run's identity)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert all(s["steps"] == 40 for s in rep["segments"])
+    assert any(s["resumed_from"] >= 10 for s in rep["segments"]), [s["resumed_from"] for s in rep["segments"]]
+    hist = json.loads((out / "history.json").read_text())
+    for k, h in hist.items():  # steps continue from the checkpoint, never restart at 10
+        resumed = next(s["resumed_from"] for s in rep["segments"] if s["index"] == int(k))
+        assert h[0]["step"] == resumed + 10
