@@ -14,8 +14,15 @@ import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``), like the config errors; subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="o2mkd-ray", description="One-to-many KD of diffusion models on Ray")
+    p = _Parser(prog="o2mkd-ray", description="One-to-many KD of diffusion models on Ray")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -27,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--engine", choices=["ray", "local"], default="ray",
                    help="ray: one TorchTrainer per segment, concurrently (default); local: in-process, sequential")
     d.add_argument("--no-eval", action="store_true", help="skip the quick evaluation at the end")
+    _debug_flag(d)
 
     s = sub.add_parser("sample", help="sample a saved O2MKD pipeline folder")
     s.add_argument("pipeline_dir")
@@ -36,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--output", default=None, help="PNG path (default PIPELINE_DIR/../samples_cli.png)")
+    _debug_flag(s)
 
     from .evaluation import add_eval_parser
 
@@ -45,7 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--out", default=None)
+    _debug_flag(t)
     return p
+
+
+def _debug_flag(p: argparse.ArgumentParser) -> None:
+    # `o2mkd-ray distill ... --debug` works as well as `o2mkd-ray --debug distill ...`
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
 def _distill(args) -> int:
@@ -54,9 +69,14 @@ def _distill(args) -> int:
     cfg = C.load(args.config or _default_config(), args.overrides)
     if args.no_eval:
         cfg.eval.enabled = False
-    out = Path(args.out or f"runs/{cfg.name}")
+    out = C.check_out_path(args.out or f"runs/{cfg.name}")
+    if args.engine == "ray" and not args.dry_run:  # a dry run may be meant for another machine's cluster
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        C.check_ray_address(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
     from .driver import preflight
+    from .teacher import check_run
 
+    check_run(cfg)  # teacher files, segments vs the teacher's T, student shapes: all before any Ray work
     out = preflight(cfg, out, strict=not args.dry_run)
     print(cfg.to_json() if args.dry_run else f"o2mkd-ray distill → {out}")
     if args.dry_run:
@@ -76,26 +96,86 @@ def _default_config() -> str:
     return str(here) if here.is_file() else None
 
 
+def check_pipeline_dir(d: Path) -> dict:
+    """A saved O2MKD pipeline folder: model_index.json of the right class, its components, intact weights.
+
+    Returns:
+        The scheduler config (for range checks on ``--steps``).
+    """
+    from .config import ConfigError
+    from .teacher import check_safetensors
+
+    if not d.is_dir():
+        raise ConfigError(f"pipeline folder {str(d)!r} does not exist; give OUT/pipeline of a distill run")
+    if not (d / "model_index.json").is_file():
+        raise ConfigError(f"pipeline folder {str(d)!r} has no model_index.json; give OUT/pipeline of a distill run")
+    try:
+        idx = json.loads((d / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{str(d / 'model_index.json')!r} is not valid JSON; re-save the pipeline") from None
+    cls = idx.get("_class_name") if isinstance(idx, dict) else None
+    if cls != "O2MKDPipeline":
+        raise ConfigError(f"pipeline folder {str(d)!r} holds a {cls}, not an O2MKDPipeline; sample it with "
+                          f"diffusers ({cls}.from_pretrained), or give OUT/pipeline of an o2mkd-ray distill run")
+    for comp in ("students", "scheduler"):
+        if not (d / comp).is_dir():
+            raise ConfigError(f"pipeline folder {str(d)!r} has no {comp}/ folder; the save is incomplete, re-run "
+                              "distill with the same --out to re-assemble it")
+    weights = sorted((d / "students").rglob("*.safetensors"))
+    if not weights:
+        raise ConfigError(f"pipeline folder {str(d)!r} has no student weights (students/**/*.safetensors); re-run "
+                          "distill with the same --out to re-assemble it")
+    for f in weights:
+        check_safetensors(f, "pipeline")
+    sched = d / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(sched.read_text()) if sched.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{str(sched)!r} is not valid JSON; re-save the pipeline") from None
+
+
 def _sample(args) -> int:
+    from .config import ConfigError, check_out_path, check_scheduler_name
+
+    d = Path(args.pipeline_dir)
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images: must be >= 1, got {args.num_images}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
+    if not 0 <= args.eta <= 1:
+        raise ConfigError(f"--eta: must be in [0, 1], got {args.eta}")
+    sched_cfg = check_pipeline_dir(d)
+    T = sched_cfg.get("num_train_timesteps")
+    if isinstance(T, int) and args.steps > T:
+        raise ConfigError(f"--steps: {args.steps} is more than the {T} training timesteps; use --steps <= {T}")
+    out = Path(args.output or d.parent / "samples_cli.png")
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--output {str(out)!r}: expected a .png path")
+    if out.is_dir():
+        raise ConfigError(f"--output {str(out)!r} is a folder; give a .png file path")
+    check_out_path(out.parent, "--output")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--output {str(out)!r}: folder {str(out.parent)!r} does not exist; create it first")
+    if args.scheduler:
+        check_scheduler_name(args.scheduler, "--scheduler")
+
     import torch
 
     from .assemble import make_scheduler, save_grid
-    from .config import ConfigError
     from .pipeline import O2MKDPipeline
 
-    d = Path(args.pipeline_dir)
-    if not (d / "model_index.json").is_file():
-        raise ConfigError(f"pipeline folder {str(d)!r} has no model_index.json; give OUT/pipeline of a distill run")
-    idx = json.loads((d / "model_index.json").read_text())
-    if idx.get("_class_name") != "O2MKDPipeline":
-        raise ConfigError(f"pipeline folder {str(d)!r} holds a {idx.get('_class_name')}, not an O2MKDPipeline")
-    pipe = O2MKDPipeline.from_pretrained(d)
+    try:
+        pipe = O2MKDPipeline.from_pretrained(d)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # what diffusers raises on a damaged folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"pipeline folder {str(d)!r} cannot be loaded ({first}); re-run distill with the same "
+                          "--out to re-assemble it") from None
+    pipe.set_progress_bar_config(disable=True)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     g = torch.Generator().manual_seed(args.seed)
     imgs = pipe(batch_size=args.num_images, generator=g, num_inference_steps=args.steps, eta=args.eta,
                 output_type="np").images
-    out = Path(args.output or d.parent / "samples_cli.png")
     save_grid([imgs], [f"{type(pipe.scheduler).__name__} {args.steps} steps"], out)
     print(str(out))
     return 0
@@ -118,14 +198,25 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation import run_eval_cli
 
         return {"distill": _distill, "sample": _sample, "teacher": _teacher, "eval": run_eval_cli}[args.cmd](args)
-    except ConfigError as e:
-        if args.debug:
+    except Exception as e:
+        if not _user_error(e) or args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        msg = "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+        print(f"error: {msg}", file=sys.stderr)  # one line; --debug for the traceback
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command with the same --out to resume", file=sys.stderr)
         return 130
+
+
+def _user_error(e: BaseException) -> bool:
+    """Bad input (config, paths, checkpoints) rather than a bug: shown as one line, not a traceback."""
+    from .config import ConfigError
+
+    if isinstance(e, ConfigError):
+        return True
+    distill = sys.modules.get("o2mkd_ray.distill")  # loaded whenever a CheckpointError can have been raised
+    return distill is not None and isinstance(e, distill.CheckpointError)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -363,10 +365,17 @@ def validate(cfg: Config) -> None:
     _positive("teacher.max_concurrency", t.max_concurrency)
     _positive("teacher.max_wait_ms", t.max_wait_ms, strict=False)
 
+    if t.max_restarts < -1:
+        raise ConfigError(f"teacher.max_restarts: must be >= 0 (or -1 for no limit), got {t.max_restarts}")
+
     s = cfg.segments
     _positive("segments.n", s.n)
     if s.boundaries is not None and s.fractions is not None:
         raise ConfigError("segments: set either segments.boundaries or segments.fractions, not both")
+    if s.boundaries is not None:
+        from .segments import _check_boundaries  # structure only; the last value is checked against T in preflight
+
+        _check_boundaries(s.boundaries)
     if s.boundaries is not None and len(s.boundaries) - 1 != s.n:
         s.n = len(s.boundaries) - 1  # explicit boundaries decide n
     if s.fractions is not None:
@@ -415,6 +424,7 @@ def validate(cfg: Config) -> None:
     _positive("train.grad_clip", tr.grad_clip, strict=False)
     _positive("train.val_batches", tr.val_batches, strict=False)
     _positive("train.warmup_steps", tr.warmup_steps, strict=False)
+    _positive("train.num_threads", tr.num_threads, strict=False)
     if not 0 <= tr.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {tr.ema_decay}")
 
@@ -431,9 +441,144 @@ def validate(cfg: Config) -> None:
     if r.cpus_per_worker == 0 and r.gpus_per_worker == 0:
         raise ConfigError("ray.cpus_per_worker: a worker needs some CPU or GPU; set cpus_per_worker > 0")
     _positive("ray.max_failures", r.max_failures, strict=False)
-    for key in r.segment_overrides:
+    _positive("ray.num_to_keep", r.num_to_keep)
+    _positive("ray.health_check_interval_s", r.health_check_interval_s)
+    if r.num_cpus is not None:
+        _positive("ray.num_cpus", r.num_cpus)
+    if r.address is not None:
+        _ray_host_port(r.address, "ray.address")
+    for key, ov in r.segment_overrides.items():
         if not key.isdigit() or int(key) >= s.n:
             raise ConfigError(f"ray.segment_overrides.{key}: keys are segment indices 0..{s.n - 1}")
+        for name in ("num_workers", "cpus_per_worker", "gpus_per_worker"):
+            v = getattr(ov, name)
+            if v is not None:
+                _positive(f"ray.segment_overrides.{key}.{name}", v, strict=name == "num_workers")
 
     _positive("eval.num_images", cfg.eval.num_images)
     _positive("eval.steps", cfg.eval.steps)
+    _check_debug(cfg.debug)
+
+    # last: these two import torch (the registries live next to the code that uses them)
+    check_scheduler_name(sm.scheduler, "sampling.scheduler")
+    from .kd import KD_METHODS
+
+    if k.feature_method not in KD_METHODS:
+        close = difflib.get_close_matches(k.feature_method, list(KD_METHODS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"kd.feature_method: unknown {k.feature_method!r}; {hint}registered: "
+                          f"{', '.join(sorted(KD_METHODS))} (add one with o2mkd_ray.kd.register_kd)")
+
+
+def check_scheduler_name(name: str, key: str) -> None:
+    """Raises ConfigError unless ``name`` is a short scheduler name or a diffusers scheduler class."""
+    from .assemble import SCHEDULERS
+
+    if name.lower() in SCHEDULERS:
+        return
+    import diffusers
+
+    try:
+        cls = getattr(diffusers, name, None)
+    except Exception:  # noqa: BLE001 - diffusers' lazy module raises on broken optional imports
+        cls = None
+    if not (isinstance(cls, type) and name.endswith("Scheduler") and hasattr(cls, "from_config")):
+        close = difflib.get_close_matches(name.lower(), list(SCHEDULERS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"{key}: unknown scheduler {name!r}; {hint}use one of {', '.join(sorted(SCHEDULERS))} "
+                          "or a diffusers scheduler class name such as DDIMScheduler")
+
+
+# test-only fault-injection switches (docs/validation.md, "Rehearsing failures"): name -> check
+DEBUG_SWITCHES = ("kill_worker", "kill_teacher_after_requests", "kill_driver_after_checkpoints", "marker")
+
+
+def _check_debug(debug: dict) -> None:
+    for key, v in debug.items():
+        if key not in DEBUG_SWITCHES:
+            close = difflib.get_close_matches(key, DEBUG_SWITCHES, n=1)
+            hint = f"did you mean 'debug.{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key 'debug.{key}'; {hint}debug takes {', '.join(DEBUG_SWITCHES)}")
+        if key in ("kill_teacher_after_requests", "kill_driver_after_checkpoints") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"debug.{key}: expected an integer >= 1, got {v!r}")
+        if key == "marker" and v is not None and not isinstance(v, str):
+            raise ConfigError(f"debug.marker: expected a file path, got {v!r}")
+        if key == "kill_worker" and v is not None:
+            if not isinstance(v, dict) or not isinstance(v.get("step"), int) or isinstance(v.get("step"), bool):
+                raise ConfigError("debug.kill_worker: expected {segment: K, rank: R, step: S, marker: PATH} "
+                                  f"with an integer step, got {v!r}")
+            extra = sorted(set(v) - {"segment", "rank", "step", "marker"})
+            if extra:
+                raise ConfigError(f"debug.kill_worker: unknown field '{extra[0]}'; use segment, rank, step, marker")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checks of the outside world (paths, network) for preflight: nothing here writes anything
+
+
+def _ray_host_port(address: str, key: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a GCS / Ray Client address; None for ``auto`` / ``local``. ConfigError on bad form."""
+    a = address.strip()
+    if a in ("auto", "local"):
+        return None
+    for scheme in ("ray://", "http://", "https://"):
+        if a.startswith(scheme):
+            a = a[len(scheme):]
+            break
+    host, sep, port = a.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected host:port, ray://host:port or auto, got {address!r}; "
+                          "e.g. ray.address=127.0.0.1:6379")
+    return host.strip("[]"), int(port)
+
+
+def check_ray_address(address: str | None, key: str = "ray.address", timeout_s: float = 3.0) -> None:
+    """Fails fast (one TCP connect, ``timeout_s``) when an existing Ray cluster's address is unreachable.
+
+    ``ray.init(address=...)`` on a dead address keeps retrying for minutes; this check turns that into one line.
+    Nothing to check for a local embedded Ray (``address`` None or ``local``).
+    """
+    if not address:
+        return
+    if address.strip() == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError:
+            raise ConfigError(f"{key}: 'auto' found no running Ray cluster on this machine; start one with "
+                              "`ray start --head` or unset ray.address/RAY_ADDRESS for a local Ray") from None
+        except (ImportError, AttributeError):  # Ray internals moved: leave the check to ray.init
+            return
+    hp = _ray_host_port(address, key)
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot reach a Ray cluster at {address!r} ({e.strerror or type(e).__name__}); "
+                          "start it with `ray start --head` or unset ray.address/RAY_ADDRESS for a local Ray") from None
+
+
+def check_out_path(out: str | Path, flag: str = "--out") -> Path:
+    """Checks that ``out`` can be created as (or already is) a writable folder; creates nothing.
+
+    Returns:
+        The absolute path.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is a file; give a folder path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {str(out)!r}: {str(parent)!r} is a file, so no folder can be made "
+                                  "under it; choose another path")
+            break
+    existing = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(out)!r} is not writable ({str(existing)!r} is read-only); "
+                          "choose a folder you can write to")
+    return out

@@ -115,17 +115,38 @@ def check_data(d: DataConfig, strict: bool = True) -> list[str]:
         root = Path(d.path or "")
         if not root.is_dir():
             raise ConfigError(f"data.path: folder {str(root)!r} does not exist; point it at a folder of PNG/JPEG images")
-        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
+        first = next((p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        if first is None:
             raise ConfigError(f"data.path: folder {str(root)!r} holds no PNG/JPEG images; add images or fix the path")
+        _check_image(first)
     elif d.kind == "torchvision":
         if importlib.util.find_spec("torchvision") is None:
             warns.append("data.kind=torchvision: torchvision is not installed; pip install 'o2mkd-ray[vision]'")
+        else:
+            import torchvision.datasets as tvd
+
+            if not isinstance(getattr(tvd, d.name or "", None), type):
+                raise ConfigError(f"data.name: torchvision has no dataset {d.name!r} (e.g. CIFAR10, MNIST, "
+                                  "FashionMNIST)")
+        if d.split not in ("train", "test"):
+            raise ConfigError(f"data.split: torchvision datasets take 'train' or 'test', got {d.split!r}")
     elif d.kind == "hf":
         if importlib.util.find_spec("datasets") is None:
             warns.append("data.kind=hf: the 'datasets' package is not installed; pip install datasets")
     if warns and strict:
         raise ConfigError(warns[0])
     return warns
+
+
+def _check_image(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the header and checks the file's structure, no decode of the pixels
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ConfigError(f"data.path: {str(path)!r} is not a readable image ({type(e).__name__}); remove or "
+                          "replace it") from None
 
 
 def build_dataset(d: DataConfig) -> Dataset:

@@ -187,7 +187,74 @@ def _driver_fault_watch(cfg: Config, storage: Path) -> None:
 
 
 def run_distillation(cfg: Config, out: str | Path, progress: bool = True,
-                     on_progress: Callable[[int, dict], None] | None = None, tracker=None) -> dict:
+                     on_progress: Callable[[int, dict], None] | None = None, tracker=None,
+                     parent_run_id: str | None = None) -> dict:
+    """Distils the teacher into ``segments.n`` students, one Ray TorchTrainer per segment, all concurrently;
+    tracks the run in MLflow (parent run + one child per segment) and runs the quick evaluation.
+
+    Args:
+        cfg: validated config.
+        out: run folder (created; an existing folder with the same config resumes).
+        progress: print one line per segment report.
+        on_progress: called in the driver as ``on_progress(segment, metrics)`` for every report of every
+            segment while training runs (Tune trials use it to report intermediate results).
+        tracker: an already started :class:`o2mkd_ray.tracking.RunTracker`; None makes one when
+            ``mlflow.enabled`` (nested under ``parent_run_id`` if given).
+    Returns:
+        The report dict (also written to ``OUT/report.json``).
+    """
+    return _tracked(cfg, out, "ray", tracker, parent_run_id,
+                    lambda tr: _run_ray(cfg, out, progress, on_progress, tr))
+
+
+def _tracked(cfg: Config, out, engine: str, tracker, parent_run_id, body) -> dict:
+    """Pre-flight, MLflow parent run around ``body(tracker)``, quick evaluation, artifacts, final report."""
+    out = preflight(cfg, out)
+    own = tracker is None and cfg.mlflow.enabled
+    if own:
+        from .tracking import RunTracker, resolve_tracking_uri
+
+        tracker = RunTracker(resolve_tracking_uri(cfg, out), parent_run_id=parent_run_id)
+        tracker.start(cfg, out, tags={"o2mkd.engine": engine})
+    try:
+        report = body(tracker)
+        if cfg.eval.enabled:
+            report["eval"] = _quick_eval(cfg, out, tracker)
+        if tracker is not None:
+            tracker.log_artifacts([out / f for f in ("config.json", "samples.png", "history.json")])
+            if cfg.mlflow.log_pipeline:
+                tracker.log_pipeline(out / "pipeline")
+            report["mlflow"] = tracker.summary()
+            (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+            tracker.log_artifacts([out / "report.json"])
+            report["mlflow"] = tracker.summary()  # run ids can be filled late if the server was down
+            (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    except BaseException:
+        if own:
+            tracker.finish("FAILED")
+        raise
+    if own:
+        tracker.finish("FINISHED")
+    return report
+
+
+def _quick_eval(cfg: Config, out: Path, tracker) -> dict:
+    """``distill``'s default end: a short evaluation (``eval.*``), its files and metrics logged to MLflow."""
+    from .evaluation import evaluate_run
+
+    try:
+        ev = evaluate_run(out, num_images=cfg.eval.num_images, steps=cfg.eval.steps, latency_repeats=2,
+                          agreement_samples=128, num_reference=256)
+    except Exception as e:  # noqa: BLE001 - the students are saved; a failed evaluation must not lose them
+        log.warning("quick evaluation failed (%s); rerun `o2mkd-ray eval %s`", e, out)
+        return {"error": str(e)}
+    if tracker is not None:
+        tracker.log_metrics({f"eval/{k}": v for k, v in ev.get("metrics", {}).items()})
+        tracker.log_artifacts([out / "eval"])  # a folder keeps its name: eval/...
+    return ev.get("metrics", {})
+
+
+def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
     """Distils the teacher into ``segments.n`` students, one Ray TorchTrainer per segment, all concurrently.
 
     Args:
@@ -207,14 +274,18 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True,
     from .teacher_service import actor_names, start_teacher
 
     t_start = time.time()
-    out = preflight(cfg, out)
+    out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
     teacher, scheduler = load_teacher(cfg.teacher)
     shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
     segments = Segments.from_config(cfg.segments, scheduler.config.num_train_timesteps)
+    if tracker is not None:
+        tracker.set_boundaries(list(segments.boundaries))
     phases = {"load_s": time.time() - t_start}
     started_ray, address = _init_ray(cfg)
+    if tracker is not None:
+        tracker.log_dict({"ray_address": address}, "ray.json")
     phases["ray_init_s"] = time.time() - t_start - sum(phases.values())
     storage = cfg.ray.storage_path or str(out / "ray")
     run_id = hashlib.sha1(str(out).encode()).hexdigest()[:8]
@@ -361,8 +432,13 @@ def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, s
     return report
 
 
-def run_local(cfg: Config, out: str | Path, progress: bool = True) -> dict:
+def run_local(cfg: Config, out: str | Path, progress: bool = True, tracker=None,
+              parent_run_id: str | None = None) -> dict:
     """The same distillation as :func:`run_distillation` without Ray: segments one after another, in-process."""
+    return _tracked(cfg, out, "local", tracker, parent_run_id, lambda tr: _run_local(cfg, out, progress, tr))
+
+
+def _run_local(cfg: Config, out, progress: bool, tracker) -> dict:
     from .distill import run_segment
     from .data import build_dataset
     from .students import build_students
@@ -370,12 +446,14 @@ def run_local(cfg: Config, out: str | Path, progress: bool = True) -> dict:
     from .teacher_service import LocalTeacher
 
     t_start = time.time()
-    out = preflight(cfg, out)
+    out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
     teacher, scheduler = load_teacher(cfg.teacher)
     shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
     segments = Segments.from_config(cfg.segments, scheduler.config.num_train_timesteps)
+    if tracker is not None:
+        tracker.set_boundaries(list(segments.boundaries))
     fn = TeacherFn(teacher, cfg.kd.feature_blocks)
     channels = fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {}
     lt = LocalTeacher(fn)
@@ -386,7 +464,7 @@ def run_local(cfg: Config, out: str | Path, progress: bool = True) -> dict:
             continue
         ckdir = out / "local" / f"seg-{k:02d}"
         res = run_segment(cfg, k, segments, scheduler, students[k], lt, channels, dataset, ckpt_dir=ckdir,
-                          progress=progress)
+                          progress=progress, on_report=(lambda m, k=k: tracker.on_progress(k, m)) if tracker else None)
         last = sorted(ckdir.glob("checkpoint_*"))[-1]
         summary = {"index": k, "boundaries": list(segments.range(k)), "started_at": res["started_at"],
                    "finished_at": res["finished_at"], "steps": res["steps"], "resumed_from": 0,

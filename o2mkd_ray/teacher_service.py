@@ -47,7 +47,8 @@ class _Server:
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency)
         self.queue: list = []
-        self.lock = asyncio.Lock()
+        self.max_concurrency = max_concurrency
+        self._drainers = 0
         self.stats = {"requests": 0, "samples": 0, "forwards": 0, "busy_s": 0.0, "started_at": time.time(),
                       "pid": os.getpid()}
         self._busy_lock = threading.Lock()
@@ -84,38 +85,39 @@ class _Server:
         self._maybe_crash()
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((np.asarray(x_t), np.asarray(t), bool(features), fut))
-        if len(self.queue) == 1:
-            asyncio.get_running_loop().create_task(self._flush_later())
-        elif sum(q[0].shape[0] for q in self.queue) >= self.max_batch:
-            await self._flush()
+        if self._drainers < self.max_concurrency:  # a free forward slot: start a drainer for it
+            self._drainers += 1
+            asyncio.get_running_loop().create_task(self._drain())
         return await fut
 
-    async def _flush_later(self):
-        await asyncio.sleep(self.max_wait)
-        await self._flush()
-
-    async def _flush(self):
-        while self.queue:
-            take, n = [], 0
-            while self.queue and (not take or n + self.queue[0][0].shape[0] <= self.max_batch):
-                item = self.queue.pop(0)
-                take.append(item)
-                n += item[0].shape[0]
-            x = np.concatenate([q[0] for q in take])  # (sum B, C, H, W)
-            t = np.concatenate([q[1] for q in take])
-            feats = any(q[2] for q in take)
-            loop = asyncio.get_running_loop()
-            try:
-                eps, fts = await loop.run_in_executor(self.pool, self._forward, x, t, feats)
-            except Exception as e:  # hand the error to every caller of this batch
-                for q in take:
-                    q[3].set_exception(e)
-                continue
-            i = 0
-            for xq, _, fq, fut in take:
-                j = i + xq.shape[0]
-                fut.set_result((eps[i:j], {k: v[i:j] for k, v in fts.items()} if (fq and fts) else None))
-                i = j
+    async def _drain(self):
+        # Dynamic batching: wait max_wait for company, then keep taking everything queued (up to max_batch
+        # samples) each time this slot's previous forward ends. Under load requests pile up while forwards
+        # run, so batches grow by themselves; when idle, latency costs at most max_wait.
+        try:
+            await asyncio.sleep(self.max_wait)
+            while self.queue:
+                take, n = [], 0
+                while self.queue and (not take or n + self.queue[0][0].shape[0] <= self.max_batch):
+                    item = self.queue.pop(0)
+                    take.append(item)
+                    n += item[0].shape[0]
+                x = np.concatenate([q[0] for q in take])  # (sum B, C, H, W)
+                t = np.concatenate([q[1] for q in take])
+                feats = any(q[2] for q in take)
+                try:
+                    eps, fts = await asyncio.get_running_loop().run_in_executor(self.pool, self._forward, x, t, feats)
+                except Exception as e:  # noqa: BLE001 - hand the error to every caller of this batch
+                    for q in take:
+                        q[3].set_exception(e)
+                    continue
+                i = 0
+                for xq, _, fq, fut in take:
+                    j = i + xq.shape[0]
+                    fut.set_result((eps[i:j], {k: v[i:j] for k, v in fts.items()} if (fq and fts) else None))
+                    i = j
+        finally:
+            self._drainers -= 1
 
     def _maybe_crash(self):
         # test-only fault injection (config debug.kill_teacher_after_requests): rehearse a teacher crash

@@ -17,6 +17,8 @@ import torch
 
 from conftest import ROOT, run_cli
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 pytestmark = pytest.mark.ray
 
 
@@ -26,16 +28,37 @@ def _cfg(overrides, *extra):
     return config.load(ROOT / "pipelines" / "tiny.yaml", [*overrides, *extra])
 
 
-def test_three_segments_train_concurrently_against_shared_teacher(ray_local, tiny_overrides, tmp_path):
-    from o2mkd_ray import O2MKDPipeline
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    from mlflow_server import start_mlflow_server, stop_mlflow_server
+
+    url, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
+    yield url
+    stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_local, tiny_teacher_dir, mlflow_url, tmp_path_factory):
+    """ONE real distillation (3 segments on local Ray, shared teacher actor, MLflow server, quick eval) that
+    several tests below inspect: Ray start-up dominates a tiny run here, so it is paid once."""
+    from o2mkd_ray import config
     from o2mkd_ray.driver import run_distillation
 
+    cfg = config.load(ROOT / "pipelines" / "tiny.yaml", [
+        f"teacher.pretrained={tiny_teacher_dir}", f"mlflow.tracking_uri={mlflow_url}", "mlflow.experiment=engine",
+        "train.steps=60", "train.checkpoint_every=20", "eval.num_images=8", "eval.steps=4"])
+    out = tmp_path_factory.mktemp("engine") / "run"
     seen: list[tuple[int, int]] = []
-    cfg = _cfg(tiny_overrides, "train.steps=60", "train.checkpoint_every=20")
-    report = run_distillation(cfg, tmp_path / "run", progress=False, on_progress=lambda k, m: seen.append((k, m["step"])))
+    report = run_distillation(cfg, out, progress=False, on_progress=lambda k, m: seen.append((k, m["step"])))
+    return out, report, seen
 
+
+def test_three_segments_train_concurrently_against_shared_teacher(ray_run):
+    from o2mkd_ray import O2MKDPipeline
+
+    out, report, seen = ray_run
     # three TorchTrainer runs existed, one per segment, each with checkpoints in its own storage folder
-    storage = tmp_path / "run" / "ray"
+    storage = out / "ray"
     assert sorted(p.name for p in storage.iterdir() if p.is_dir()) == ["seg-00", "seg-01", "seg-02"]
     for k in range(3):
         assert list((storage / f"seg-{k:02d}").glob("checkpoint_*")), f"no checkpoint for segment {k}"
@@ -45,7 +68,7 @@ def test_three_segments_train_concurrently_against_shared_teacher(ray_local, tin
     # training windows overlap: every segment started before any other finished
     assert max(s["started_at"] for s in segs) < min(s["finished_at"] for s in segs)
     # each student's loss went down (KD loss on held-out x_t of its segment, EMA student)
-    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    hist = json.loads((out / "history.json").read_text())
     for k in range(3):
         h = hist[str(k)]
         assert [m["step"] for m in h] == [20, 40, 60]
@@ -59,18 +82,51 @@ def test_three_segments_train_concurrently_against_shared_teacher(ray_local, tin
     # live progress reached the driver for every segment and step
     assert sorted(seen) == [(k, s) for k in range(3) for s in (20, 40, 60)]
 
-    pipe = O2MKDPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    pipe = O2MKDPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     img = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
     assert img.shape == (2, 8, 8, 1) and np.isfinite(img).all()
-    assert (tmp_path / "run" / "samples.png").stat().st_size > 1000
-    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert (out / "samples.png").stat().st_size > 1000
+    rep = json.loads((out / "report.json").read_text())
     for s in rep["segments"]:
         for key in ("index", "boundaries", "started_at", "finished_at", "steps", "final_loss", "samples_per_s",
                     "params", "macs"):
             assert key in s, key
         assert s["steps"] == 60 and s["params"] > 0 and s["macs"] > 0
     assert {"requests", "mean_batch", "busy_s", "mode", "replicas"} <= set(rep["teacher"]) and rep["wall_s"] > 0
+
+
+def test_run_is_tracked_on_a_real_mlflow_server(ray_run, mlflow_url):
+    from mlflow.tracking import MlflowClient
+
+    out, report, _ = ray_run
+    info = report["mlflow"]
+    assert info["tracking_uri"] == mlflow_url
+    client = MlflowClient(mlflow_url)
+    parent = client.get_run(info["run_id"])
+    assert parent.info.status == "FINISHED"
+    p = parent.data.params
+    assert p["segments.n"] == "3" and p["students.width"] == "0.5" and p["train.steps"] == "60"
+    assert parent.data.tags["o2mkd.num_segments"] == "3"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{info['run_id']}'")
+    assert sorted(c.info.run_name for c in children) == ["seg-00", "seg-01", "seg-02"]
+    for c in children:
+        h = client.get_metric_history(c.info.run_id, "val_loss")
+        assert [m.step for m in sorted(h, key=lambda m: m.step)] == [20, 40, 60]
+        assert {"loss_out", "loss_feat", "lr", "samples_per_s", "teacher_latency_ms"} <= set(c.data.metrics)
+    names = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert {"config.json", "report.json", "samples.png", "pipeline", "eval"} <= names, names
+    ev = {a.path for a in client.list_artifacts(info["run_id"], "eval")}
+    assert "eval/agreement_vs_t.png" in ev and "eval/report.md" in ev
+    assert "eval/agreement_mse" in parent.data.metrics
+
+
+def test_quick_eval_written_by_distill(ray_run):
+    out, report, _ = ray_run
+    ev = json.loads((out / "eval" / "report.json").read_text())
+    assert np.isfinite(report["eval"]["agreement_mse"]) and report["eval"]["macs_ratio_run"] < 1
+    assert ev["fid_backend"] and (out / "eval" / "samples_grid.png").is_file()
 
 
 def test_local_teacher_mode_and_two_workers_ddp(ray_local, tiny_overrides, tmp_path):

@@ -168,6 +168,12 @@ def test_embedded_store(tmp_path, monkeypatch, pipeline_dir):
     assert [m.step for m in client.get_metric_history(seg0, "loss")] == [10, 20, 30, 40]
     assert again.not_logged == [] and client.get_run(rid).info.status == "FINISHED"
 
+    # nested under an existing run (a Tune experiment's run): the trial's run is its child
+    trial = RunTracker(uri, parent_run_id=rid)
+    trial_id = trial.start(cfg, tmp_path / "runs" / "trial-0")
+    trial.finish()
+    assert client.get_run(trial_id).data.tags["mlflow.parentRunId"] == rid and trial_id != rid
+
 
 # --------------------------------------------------------------------------------------------------------------
 
@@ -184,7 +190,9 @@ def mlflow_server(tmp_path_factory):
 
 def test_remote_server(mlflow_server, tmp_path, pipeline_dir):
     url, root = mlflow_server
-    tracker = RunTracker(url)
+    # correctness against a real server; generous timeouts so that a busy CI machine does not turn this into
+    # a resilience test (those are below)
+    tracker = RunTracker(url, http_timeout_s=30, max_call_s=60)
     rid = tracker.start(make_cfg(), tmp_path / "out", tags={"trial": "7"})
     assert rid, tracker.not_logged
     feed(tracker)

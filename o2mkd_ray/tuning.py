@@ -1,0 +1,668 @@
+"""Ray Tune over segment boundaries, student widths and KD weights: one trial = one whole O2MKD run.
+
+A space file (``tune_spaces/*.yaml``) is plain YAML over config keys, plus a ``budget:`` section (per-trial
+overrides, e.g. fewer steps; ``best.yaml`` keeps the full budget) and a ``search:`` section::
+
+    segments.n: {choice: [2, 3, 4]}
+    segments.boundaries: {ordered_cuts: {low: 0.05, high: 0.95, min_gap: 0.02}}
+    students.width: {per_segment_choice: [0.25, 0.5, 0.75]}
+    kd.lambda_feat: {loguniform: [0.1, 10]}
+    budget: {train.steps: 200, train.checkpoint_every: 25}
+    search: {algorithm: random, scheduler: asha, objective: agreement, num_samples: 12}
+
+Distributions: ``choice: [...]``, ``grid: [...]``, ``uniform: [low, high]``, ``loguniform: [low, high]``,
+``randint: [low, high]`` (high exclusive, as ``tune.randint``); ``per_segment_<one of these>`` on
+``students.width`` / ``students.layers_per_block`` (one value per segment: the space holds as many as the
+largest ``segments.n`` and a trial takes the first n); ``ordered_cuts`` on ``segments.boundaries``.
+
+``ordered_cuts`` always gives valid, strictly increasing boundaries (see :mod:`o2mkd_ray.tune_space`); the
+parsing and the sample -> Config translation live there and are re-exported here.
+
+Each trial runs :func:`o2mkd_ray.driver.run_distillation` (its segments' TorchTrainers concurrently, inside
+the trial) into ``OUT/tune/trials/<trial_id>``. While training, the trial reports ``quality`` = mean over
+segments of the students' held-out KD loss (``val_loss``) each time every segment has reached a step, so ASHA
+(``time_attr="step"``) can stop bad trials; the scheduler decides on ``val_loss`` (the same numbers), because
+the final report replaces ``quality`` by the objective (teacher-agreement ε MSE, or trajectory-fidelity image
+MSE), which is on another scale for ``fidelity``. ``cost`` = sampling MACs relative to the teacher, averaged
+over the timesteps (each segment's student MACs weighted by its share of ``[0, T)``).
+
+Outputs: ``OUT/tune/results.csv`` (one row per trial), ``OUT/tune/pareto.png`` (quality vs cost, Pareto
+front), ``OUT/tune/best.yaml`` (the best finished trial as a full, ready-to-run config).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import config as C
+from .config import Config, ConfigError
+from .tune_space import (  # noqa: F401 - re-exported: the public API of tuning
+    CUTS_KEY,
+    DISTRIBUTIONS,
+    PER_SEGMENT_KEYS,
+    SEARCH_DEFAULTS,
+    Param,
+    SearchSpace,
+    _flatten,
+    _INDEXED,
+    _py,
+    apply_budget,
+    check_space,
+    check_students,
+    cuts_from_weights,
+    load_space,
+    parse_space,
+    resolve_trial_config,
+    sample_point,
+    weights_from_boundaries,
+)
+
+log = logging.getLogger("o2mkd_ray")
+
+TRIAL_CPU = 0.01  # a trial's own actor; 0 is rejected by Tune (RAY_NOTES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cost and objective
+
+
+def sampling_cost(cfg: Config, teacher, shape) -> dict:
+    """Sampling MACs of the O2MKD students relative to the teacher, averaged over the timesteps.
+
+    ``cost = Σ_k (b_{k+1} - b_k) · MACs(student_k) / (T · MACs(teacher))``: the expected per-step ratio when the
+    sampler's timesteps spread evenly over ``[0, T)``. Students are built on the meta device (shapes only).
+
+    Returns:
+        ``cost``, ``macs`` (per student), ``teacher_macs``, ``params`` (per student).
+    """
+    import torch
+
+    from .segments import Segments
+    from .students import build_students, count_macs, count_params
+
+    seg = Segments(cfg.segments.boundaries)
+    scratch = copy.deepcopy(cfg)
+    scratch.students.init = "scratch"
+    with torch.device("meta"):
+        students = build_students(scratch, teacher, seg.n)
+    macs = [int(count_macs(s, (1, *shape))) for s in students]
+    t_macs = int(count_macs(teacher, (1, *shape)))
+    lengths = [seg.range(k)[1] - seg.range(k)[0] for k in range(seg.n)]
+    cost = sum(n * m for n, m in zip(lengths, macs)) / (seg.num_train_timesteps * max(1, t_macs))
+    return {"cost": float(cost), "macs": macs, "teacher_macs": t_macs, "params": [count_params(s) for s in students]}
+
+
+def objective_value(cfg: Config, out: str | Path, objective: str, teacher, scheduler, samples: int = 256,
+                    images: int | None = None, steps: int | None = None) -> dict:
+    """The final quality of a finished run folder (lower is better).
+
+    Args:
+        objective: ``agreement`` (student-vs-teacher ε MSE over t,
+            :func:`~o2mkd_ray.evaluation.teacher_agreement`) or ``fidelity`` (image MSE teacher vs O2MKD from
+            the same noise, DDIM, :func:`~o2mkd_ray.evaluation.trajectory_fidelity`).
+    Returns:
+        ``quality`` and the objective's own numbers.
+    """
+    from .data import build_dataset
+    from .evaluation import teacher_agreement, trajectory_fidelity
+    from .pipeline import O2MKDPipeline
+
+    pipe = O2MKDPipeline.from_pretrained(Path(out) / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    multi = pipe.students.eval()
+    if objective == "agreement":
+        df = teacher_agreement(multi, lambda x_t, t: teacher(x_t, t), scheduler, build_dataset(cfg.data),
+                               multi.segments, samples, 20, cfg.sampling.seed)
+        v = float((df["mse"] * df["n"]).sum() / df["n"].sum())
+        return {"quality": v, "agreement_mse": v}
+    if objective == "fidelity":
+        r = trajectory_fidelity(teacher, pipe, steps or cfg.eval.steps, images or cfg.eval.num_images,
+                                cfg.sampling.seed, cfg.data.value_range, scheduler_config=scheduler.config)
+        return {"quality": r["mse_mean"], "fidelity_mse": r["mse_mean"], "fidelity_psnr_db": r["psnr_mean_db"]}
+    raise ConfigError(f"search.objective: must be agreement or fidelity, got {objective!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# resources
+
+
+def max_concurrent_trials(cfg: Config, n: int, resources: dict | None = None) -> int:
+    """Trials that fit at once: cluster CPUs (GPUs) ÷ what one trial with n segments asks for (its segments'
+    workers, the teacher actors and the trial's own 0.01 CPU); floor, at least 1."""
+    r = cfg.ray
+    cpu = gpu = 0.0
+    for k in range(n):
+        ov = r.segment_overrides.get(str(k))
+        workers = (ov.num_workers if ov and ov.num_workers else None) or r.workers_per_segment
+        cpu += workers * (ov.cpus_per_worker if ov and ov.cpus_per_worker is not None else r.cpus_per_worker)
+        gpu += workers * (ov.gpus_per_worker if ov and ov.gpus_per_worker is not None else r.gpus_per_worker)
+    if cfg.teacher.mode == "actor":
+        cpu += cfg.teacher.num_cpus * cfg.teacher.replicas
+        gpu += cfg.teacher.num_gpus * cfg.teacher.replicas
+    cpu += TRIAL_CPU
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    k = math.floor(resources.get("CPU", 0.0) / cpu + 1e-9)
+    if gpu > 0:
+        k = min(k, math.floor(resources.get("GPU", 0.0) / gpu + 1e-9))
+    return max(1, k)
+
+
+def trial_resources(cfg: Config):
+    """A trial's placement group: ``{"CPU": 0.01}`` for the trial itself, then one bundle per teacher replica.
+
+    Tune starts a trial's actor with ``placement_group_capture_child_tasks=True``, so actors it creates
+    without their own placement group, such as the teacher service, are placed in the trial's group and need a
+    bundle there. The Train controllers (0 CPU) fit anywhere; each TorchTrainer's workers get their own group.
+    """
+    from ray import tune
+
+    bundles = [{"CPU": TRIAL_CPU}]
+    if cfg.teacher.mode == "actor":
+        t = {k: v for k, v in (("CPU", cfg.teacher.num_cpus), ("GPU", cfg.teacher.num_gpus)) if v > 0}
+        bundles += [t] * cfg.teacher.replicas if t else []
+    return tune.PlacementGroupFactory(bundles)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the trial
+
+
+class _Progress:
+    """Aggregates per-segment reports: once every segment has reached step s, one Tune report for s."""
+
+    def __init__(self, n: int, total_steps: int, extra: dict, report: Callable[[dict], None]):
+        self.n, self.total, self.extra, self.report = n, total_steps, extra, report
+        self.by_step: dict[int, dict[int, dict]] = defaultdict(dict)
+        self.last = 0
+
+    def __call__(self, k: int, m: dict) -> None:
+        s = int(m["step"])
+        self.by_step[s][k] = m
+        if len(self.by_step[s]) < self.n or s <= self.last:
+            return
+        ms = list(self.by_step.pop(s).values())
+        self.last = s
+        if s >= self.total:  # the final report (with the objective) stands for the last step
+            return
+        val = [x.get("val_loss") if x.get("val_loss") is not None else x.get("loss_avg") for x in ms]
+        q = float(np.mean(val))
+        self.report({"step": s, "quality": q, "val_loss": q, "loss_avg": float(np.mean([x["loss_avg"] for x in ms])),
+                     "samples_per_s": float(sum(x.get("samples_per_s") or 0 for x in ms)), "final": False,
+                     **self.extra})
+
+
+def _default_tracker(tracking_uri: str | None, cfg: Config, parent_run_id: str | None):
+    from .tracking import RunTracker
+
+    return RunTracker(tracking_uri, parent_run_id=parent_run_id)
+
+
+def _trial(config: dict, ctx: dict) -> None:
+    """Tune function trainable: one whole O2MKD run (all its segments' TorchTrainers) for one sampled config."""
+    from ray import tune
+
+    from .driver import run_distillation
+    from .teacher import load_teacher, sample_shape
+
+    os.chdir(ctx["cwd"])  # Tune starts trials in their own folder; relative paths in the config mean the caller's
+    trial_id = tune.get_context().get_trial_id()
+    out = Path(ctx["trials_dir"]) / trial_id
+    cfg = resolve_trial_config(ctx["base"], {**ctx["constants"], **config}, ctx["T"])
+    cfg.name = f"{cfg.name}-{trial_id}"
+    cfg.eval.enabled = False  # the trial computes its own objective; no FID/latency pass per trial
+    cfg.mlflow.log_pipeline = False  # a pyfunc model per trial would be heavy; best.yaml is the product
+    if cfg.ray.storage_path:  # trials must not share seg-KK trainer folders
+        cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/tune-trials/{trial_id}"
+    teacher, scheduler = load_teacher(cfg.teacher)
+    shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
+    cost = sampling_cost(cfg, teacher, shape)
+    tracker = None
+    if ctx["tracker_factory"] is not None:
+        tracker = ctx["tracker_factory"](cfg, ctx["parent_run_id"])
+        tracker.start(cfg, out, tags={"o2mkd.kind": "tune-trial", "o2mkd.trial_id": trial_id,
+                                      "o2mkd.tune_out": ctx["tune_dir"]})
+    extra = {"cost": cost["cost"], "n": cfg.segments.n, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
+    progress = _Progress(cfg.segments.n, cfg.train.steps, extra, tune.report)
+    s = ctx["search"]
+    try:
+        report = run_distillation(cfg, out, progress=False, on_progress=progress, tracker=tracker)
+        obj = objective_value(cfg, out, s["objective"], teacher, scheduler, s["eval_samples"], s["eval_images"],
+                              s["eval_steps"])
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    lengths = np.diff(report["boundaries"])
+    real_cost = float(sum(l * seg["macs"] for l, seg in zip(lengths, report["segments"]))
+                      / (report["boundaries"][-1] * max(1, report["teacher"]["macs"])))
+    vals = [x.get("val_loss") for x in report["segments"] if x.get("val_loss") is not None]
+    final = {**extra, **obj, "step": cfg.train.steps, "cost": real_cost, "objective": s["objective"],
+             "val_loss": float(np.mean(vals)) if vals else float("nan"), "final": True,
+             "run_wall_s": float(report.get("wall_s", 0.0))}
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "final"})
+        tracker.finish("FINISHED")
+    tune.report(final)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run_tuning
+
+
+def _search_alg(settings: dict, points: list[dict], max_conc: int):
+    alg, seed = settings["algorithm"], settings["seed"]
+    if alg in ("random", "grid"):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # max_concurrent_trials is ignored with an own BasicVariantGenerator: give it max_concurrent
+        # (RAY_NOTES)
+        return BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=max_conc, random_state=seed)
+    from ray.tune.search import ConcurrencyLimiter
+
+    if importlib.util.find_spec(alg) is None:
+        raise ConfigError(f"search.algorithm={alg} needs `pip install {alg}`")
+    if alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        s = OptunaSearch(metric="quality", mode="min", points_to_evaluate=points or None, seed=seed)
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        s = HyperOptSearch(metric="quality", mode="min", points_to_evaluate=points or None, random_state_seed=seed)
+    return ConcurrencyLimiter(s, max_concurrent=max_conc)
+
+
+def _scheduler(settings: dict, trial_cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    steps = trial_cfg.train.steps
+    grace = min(settings["grace_period"] or trial_cfg.train.checkpoint_every, steps)
+    if settings["scheduler"] == "asha":
+        return ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=steps, grace_period=grace,
+                             reduction_factor=settings["reduction_factor"])
+    if settings["scheduler"] == "median":
+        return MedianStoppingRule(time_attr="step", metric="val_loss", mode="min", grace_period=grace,
+                                  min_samples_required=settings["min_samples_required"])
+    return FIFOScheduler()
+
+
+def _fill_point(point: dict, param_space: dict, base: dict) -> dict:
+    # searchers other than the basic one want complete points: take the base config's value where it fits
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    flat = {k: v for k, v in _flatten(base).items()}
+    out = dict(point)
+    for k, dom in param_space.items():
+        if k in out:
+            continue
+        m = _INDEXED.match(k)
+        v = flat.get(m["key"] if m else k)
+        if m and isinstance(v, list):
+            v = v[int(m["i"])] if int(m["i"]) < len(v) else v[-1]
+        if isinstance(dom, Categorical):
+            out[k] = v if v in dom.categories else dom.categories[0]
+        elif isinstance(dom, (Float, Integer)):
+            x = v if isinstance(v, (int, float)) and not isinstance(v, bool) else dom.lower
+            hi = dom.upper - 1 if isinstance(dom, Integer) else dom.upper
+            out[k] = type(dom.lower)(min(max(x, dom.lower), hi))
+    return out
+
+
+
+
+def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats=None) -> list[dict]:
+    """``points_to_evaluate``: for every n of the space, the boundaries proposed from the teacher's features
+    (:func:`o2mkd_ray.analysis.propose_boundaries`), then the uniform ones (duplicates dropped)."""
+    from .analysis import feature_stats, propose_boundaries
+    from .segments import Segments
+
+    if space.cuts is None:
+        raise ConfigError(f"--seed-from-analysis needs `{CUTS_KEY}: {{ordered_cuts: ...}}` in the space")
+    base_n = C.from_dict(trial_base).segments.n
+    ns = space.n_values(base_n)
+    max_n = max(ns)
+    stats = feature_stats(cfg) if stats is None else stats
+    seeds = [propose_boundaries(cfg, n, stats=stats) for n in ns if n > 1]
+    seeds += [list(Segments.uniform(T, n).boundaries) for n in ns]
+    points, seen = [], set()
+    for b in seeds:
+        n = len(b) - 1
+        w = weights_from_boundaries(b, T, max_n, **space.cuts)
+        p = {f"{CUTS_KEY}[{i}]": w[i] for i in range(max_n)}
+        if "segments.n" in space.params:
+            p["segments.n"] = n
+        key = tuple(resolve_trial_config(trial_base, {**space.constants(), **p}, T).segments.boundaries)
+        if key not in seen:
+            seen.add(key)
+            points.append(p)
+    if space.search["algorithm"] in ("optuna", "hyperopt"):
+        ps = space.param_space(base_n)
+        points = [_fill_point(p, ps, trial_base) for p in points]
+    return points
+
+
+def run_tuning(cfg: Config, space, out: str | Path, num_samples: int | None = None, max_cost: float | None = None,
+               seed_from_analysis: bool = False, resume: bool = True, tracker_factory: Callable | None = None,
+               verbose: int = 0) -> pd.DataFrame:
+    """Ray Tune over a space of O2MKD configs; one trial = one whole distillation run.
+
+    Args:
+        cfg: the validated base config (full budget; the space's ``budget:`` reduces it per trial).
+        space: a space file path, a mapping, or a :class:`SearchSpace`.
+        out: output folder; everything goes to ``out/tune/``.
+        num_samples: trials (default ``search.num_samples``; ignored when resuming).
+        max_cost: best.yaml takes the best finished trial whose cost is at most this.
+        seed_from_analysis: the first trials use the boundaries proposed from the teacher's features and the
+            uniform ones (:func:`seed_points`).
+        resume: continue ``out/tune`` when it holds a search (``Tuner.restore``); False refuses such a folder.
+        tracker_factory: ``factory(cfg, parent_run_id) -> RunTracker-like`` (picklable: it runs in the
+            trials); default :class:`o2mkd_ray.tracking.RunTracker` when ``cfg.mlflow.enabled``.
+        verbose: Tune's console verbosity (0 silent).
+    Returns:
+        The results table (also ``out/tune/results.csv``): one row per trial with ``trial_id, status, n,
+        boundaries, widths, quality, cost, val_loss, steps, pareto, best``, the other tuned keys, ``out``.
+    Raises:
+        ConfigError: bad space/config/output folder (before any Ray work), a missing optuna/hyperopt, or no
+            finished trial within ``max_cost`` (results.csv and pareto.png are written first).
+    """
+    from ray import tune
+
+    from .data import check_data
+    from .driver import _init_ray, _run_hash
+    from .teacher import check_teacher, load_teacher, sample_shape
+
+    sp = load_space(space)
+    out = Path(out).expanduser().resolve()
+    tdir = out / "tune"
+    exp_dir = tdir / "ray" / "tune"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder")
+    restoring = exp_dir.is_dir() and tune.Tuner.can_restore(exp_dir)
+    if restoring and not resume:
+        raise ConfigError(f"--out {str(out)!r} already holds a tune search ({exp_dir}); drop --no-resume to "
+                          "continue it, or use a new --out")
+    check_teacher(cfg.teacher, cfg.data)
+    check_data(cfg.data)
+    teacher, scheduler = load_teacher(cfg.teacher)
+    T = int(scheduler.config.num_train_timesteps)
+    shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
+    base = cfg.to_dict()
+    trial_base = apply_budget(base, sp.budget)
+    check_space(sp, trial_base, T)
+    check_space(sp, base, T)
+    check_students(sp, teacher, trial_base)
+    settings = sp.search
+    num_samples = num_samples or settings["num_samples"]
+    ident = {"run": _run_hash(base), "space": sp.raw}  # what makes it the same search (not placement/tracking)
+    ident_file = tdir / "tune.json"
+    if ident_file.is_file() and json.loads(ident_file.read_text()).get("ident") != json.loads(json.dumps(ident)):
+        raise ConfigError(f"--out {str(out)!r} holds a tune search with another config or space; use a new --out")
+    if settings["algorithm"] in ("optuna", "hyperopt") and importlib.util.find_spec(settings["algorithm"]) is None:
+        raise ConfigError(f"search.algorithm={settings['algorithm']} needs `pip install {settings['algorithm']}`")
+    base_n = C.from_dict(trial_base).segments.n
+    max_n = max(sp.n_values(base_n))
+    points = seed_points(sp, cfg, trial_base, T) if seed_from_analysis and not restoring else []
+    tdir.mkdir(parents=True, exist_ok=True)
+    ident_file.write_text(json.dumps({"ident": ident, "num_samples": num_samples, "points_to_evaluate": points},
+                                     indent=2, default=_py))
+
+    factory = tracker_factory
+    if factory is None and cfg.mlflow.enabled:
+        from .tracking import resolve_tracking_uri
+
+        factory = functools.partial(_default_tracker, resolve_tracking_uri(cfg, out))
+    parent, started = None, False
+    try:
+        started, _ = _init_ray(cfg)
+        if factory is not None:
+            parent = factory(cfg, None)
+            parent.start(cfg, tdir, tags={"o2mkd.kind": "tune", "o2mkd.space": sp.source,
+                                          "o2mkd.objective": settings["objective"]})
+        max_conc = settings["max_concurrent"] or max_concurrent_trials(C.from_dict(trial_base), max_n)
+        ctx = {"base": trial_base, "constants": sp.constants(), "T": T, "trials_dir": str(tdir / "trials"),
+               "tune_dir": str(tdir), "cwd": os.getcwd(), "search": settings, "tracker_factory": factory,
+               "parent_run_id": getattr(parent, "run_id", None)}
+        trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx),
+                                        trial_resources(C.from_dict(trial_base)))
+        if restoring:
+            log.warning("resuming the tune search in %s", exp_dir)
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=sp.param_space(base_n),
+                tune_config=tune.TuneConfig(
+                    search_alg=_search_alg(settings, points, max_conc),
+                    scheduler=_scheduler(settings, C.from_dict(trial_base)), num_samples=num_samples,
+                    trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id),
+                run_config=tune.RunConfig(name="tune", storage_path=str(tdir / "ray"), verbose=verbose,
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        grid = tuner.fit()
+    except BaseException:
+        if parent is not None:
+            parent.finish("FAILED")
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    df = _results_frame(grid, sp, trial_base, T, teacher, shape, tdir)
+    try:
+        best = _write_outputs(df, sp, base, T, tdir, max_cost, cfg.name)
+    finally:
+        if parent is not None:
+            _close_trial_runs(parent, df)
+            files = [tdir / f for f in ("results.csv", "pareto.png", "best.yaml") if (tdir / f).is_file()]
+            parent.log_artifacts(files)
+            fin = df[df["status"] == "TERMINATED"]
+            parent.log_metrics({"num_trials": len(df), "num_finished": len(fin),
+                                **({"best_quality": float(fin["quality"].min())} if len(fin) else {})})
+            parent.finish("FINISHED")
+    log.warning("tune: %d trials, best %s", len(df), best)
+    return df
+
+
+# --------------------------------------------------------------------------------------------------------------
+# results
+
+
+def _results_frame(grid, sp: SearchSpace, trial_base: dict, T: int, teacher, shape, tdir: Path) -> pd.DataFrame:
+    rows = []
+    others = [p.key for p in sp.params.values()
+              if not p.per_segment and p.dist != "ordered_cuts" and p.key not in ("segments.n", CUTS_KEY)]
+    for i in range(len(grid)):
+        r = grid[i]
+        m = dict(r.metrics or {})
+        tid = Path(r.path).name if r.path else m.get("trial_id", f"trial-{i}")
+        status = "ERROR" if r.error else "TERMINATED" if m.get("final") else "STOPPED"
+        row: dict[str, Any] = {"trial_id": tid, "status": status}
+        try:
+            tc = resolve_trial_config(trial_base, {**sp.constants(), **(r.config or {})}, T)
+            w = tc.students.width
+            row.update(n=tc.segments.n, boundaries=json.dumps(tc.segments.boundaries),
+                       widths=json.dumps(w if isinstance(w, list) else [w] * tc.segments.n))
+            if tc.students.layers_per_block is not None:
+                row["layers_per_block"] = json.dumps(tc.students.layers_per_block)
+            flat = _flatten(tc.to_dict())
+            row.update({k: flat.get(k) for k in others})
+            cost = m.get("cost")
+            if cost is None:
+                cost = sampling_cost(tc, teacher, shape)["cost"]
+        except ConfigError as e:
+            row["error"] = str(e)
+            cost = None
+        quality = m.get("quality") if status == "TERMINATED" else None
+        row.update(quality=quality if quality is not None else np.nan, cost=cost if cost is not None else np.nan,
+                   val_loss=m.get("val_loss", np.nan), steps=int(m.get("step", 0) or 0),
+                   objective=sp.search["objective"], out=str(tdir / "trials" / tid))
+        if r.error:
+            row["error"] = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:300]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ("n", "boundaries", "widths", "error"):
+        if col not in df:
+            df[col] = None
+    df["pareto"] = pareto_front(df)
+    df["best"] = False
+    return df.sort_values("trial_id", ignore_index=True)
+
+
+def pareto_front(df: pd.DataFrame) -> pd.Series:
+    """True for finished rows no other finished row beats in both ``quality`` and ``cost`` (lower is better)."""
+    ok = (df.get("status") == "TERMINATED") & np.isfinite(df["quality"].astype(float)) & np.isfinite(
+        df["cost"].astype(float))
+    q, c = df["quality"].to_numpy(float), df["cost"].to_numpy(float)
+    front = np.zeros(len(df), dtype=bool)
+    idx = np.flatnonzero(ok.to_numpy())
+    for i in idx:
+        dominated = any(q[j] <= q[i] and c[j] <= c[i] and (q[j] < q[i] or c[j] < c[i]) for j in idx if j != i)
+        front[i] = not dominated
+    return pd.Series(front, index=df.index)
+
+
+def plot_pareto(df: pd.DataFrame, path: str | Path, objective: str, max_cost: float | None = None,
+                best: str | None = None) -> Path:
+    """``pareto.png``: quality against cost for finished trials, the Pareto front joined, the best starred."""
+    from .evaluation import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fin = df[(df["status"] == "TERMINATED") & np.isfinite(df["quality"].astype(float))]
+    ax.scatter(fin["cost"], fin["quality"], s=24, color="0.6", label="finished trial")
+    front = fin[fin["pareto"]].sort_values("cost")
+    ax.plot(front["cost"], front["quality"], "o-", color="C3", ms=6, lw=1.2, label="Pareto front")
+    for r in fin.itertuples():
+        ax.annotate(f"{r.trial_id.rsplit('_', 1)[-1]} n={r.n}", (r.cost, r.quality), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    if best is not None and best in set(fin["trial_id"]):
+        b = fin[fin["trial_id"] == best].iloc[0]
+        ax.scatter([b["cost"]], [b["quality"]], marker="*", s=180, color="C2", zorder=5, label="best.yaml")
+    if max_cost is not None:
+        ax.axvline(max_cost, color="k", ls=":", lw=0.9, label=f"max cost {max_cost:g}")
+    if len(fin) and (fin["quality"] > 0).all():
+        ax.set_yscale("log")
+    stopped = int((df["status"] == "STOPPED").sum())
+    errors = int((df["status"] == "ERROR").sum())
+    ax.set_xlabel("cost: student MACs per step / teacher MACs (mean over t)")
+    ax.set_ylabel(f"quality: {objective} MSE (lower is better)")
+    ax.set_title(f"{len(fin)} finished, {stopped} stopped early, {errors} failed", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.margins(0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _write_outputs(df: pd.DataFrame, sp: SearchSpace, base: dict, T: int, tdir: Path, max_cost: float | None,
+                   name: str) -> str | None:
+    fin = df[(df["status"] == "TERMINATED") & np.isfinite(df["quality"].astype(float))]
+    pool = fin if max_cost is None else fin[fin["cost"] <= max_cost]
+    best = pool.sort_values(["quality", "cost"]).iloc[0] if len(pool) else None
+    if best is not None:
+        df.loc[df["trial_id"] == best["trial_id"], "best"] = True
+    df.to_csv(tdir / "results.csv", index=False)
+    plot_pareto(df, tdir / "pareto.png", sp.search["objective"], max_cost,
+                best["trial_id"] if best is not None else None)
+    if best is None:
+        if not len(fin):
+            raise ConfigError(f"tune: no trial finished ({len(df)} trials: "
+                              f"{df['status'].value_counts().to_dict()}); see {tdir / 'results.csv'}")
+        raise ConfigError(f"tune: no finished trial has cost <= {max_cost} (lowest: {fin['cost'].min():.4g}); "
+                          f"raise --max-cost; see {tdir / 'results.csv'}")
+    sampled: dict[str, Any] = {CUTS_KEY: json.loads(best["boundaries"])}  # explicit: the trial's own cuts
+    for key in sp.params:
+        if key in PER_SEGMENT_KEYS:
+            sampled[key] = json.loads(best["widths" if key == "students.width" else "layers_per_block"])
+        elif key not in ("segments.n", CUTS_KEY):
+            sampled[key] = _py(best[key])
+    full = resolve_trial_config(base, sampled, T)
+    full.name = f"{name}-tuned"
+    header = (f"# best trial {best['trial_id']} of `o2mkd-ray tune` ({sp.source}): {sp.search['objective']} MSE "
+              f"{best['quality']:.6g}, cost {best['cost']:.4g} x teacher MACs per step"
+              + (f" (max cost {max_cost:g})" if max_cost is not None else "")
+              + "\n# full training budget (the space's budget: applied to trials only)\n")
+    (tdir / "best.yaml").write_text(header + yaml.safe_dump(full.to_dict(), sort_keys=False,
+                                                            default_flow_style=None))
+    return str(best["trial_id"])
+
+
+def _close_trial_runs(parent, df: pd.DataFrame) -> None:
+    # trials ASHA stopped (or that crashed) never ended their MLflow runs: end them from the driver
+    client = getattr(parent, "client", None)
+    if client is None or getattr(parent, "run_id", None) is None:
+        return
+    status = dict(zip(df["trial_id"], df["status"]))
+    to = {"STOPPED": "KILLED", "ERROR": "FAILED", "TERMINATED": "FINISHED"}
+    try:
+        runs = client.search_runs([parent.experiment_id], max_results=1000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+        for r in runs:
+            end = to.get(status.get(r.data.tags.get("o2mkd.trial_id")), "KILLED")
+            kids = client.search_runs([parent.experiment_id], max_results=1000,
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{r.info.run_id}' and "
+                                                    "attributes.status = 'RUNNING'")
+            for k in kids:
+                client.set_terminated(k.info.run_id, end)
+            if r.info.status == "RUNNING":
+                client.set_terminated(r.info.run_id, end)
+    except Exception as e:  # noqa: BLE001 - tracking must not fail the search
+        log.warning("MLflow: could not end the stopped trials' runs: %s", e)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI hooks (wired into o2mkd_ray.cli)
+
+
+def add_tune_parser(subparsers):
+    """Adds ``tune CONFIG SPACE [--num-samples K] [--out DIR] [--set ...] [--max-cost C] [--seed-from-analysis]
+    [--no-resume]`` to an argparse subparsers object; returns the parser."""
+    p = subparsers.add_parser("tune", help="Ray Tune over boundaries/widths/KD weights; one trial = one whole "
+                                           "O2MKD run (writes OUT/tune/results.csv, pareto.png, best.yaml)")
+    p.add_argument("config", help="pipelines/*.yaml (the full budget; the space's budget: reduces trials)")
+    p.add_argument("space", help="tune_spaces/*.yaml")
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default search.num_samples)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<name>-tune)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-cost", type=float, default=None,
+                   help="best.yaml: the best trial with cost (MACs per step / teacher) at most this")
+    p.add_argument("--seed-from-analysis", action="store_true",
+                   help="first trials: boundaries proposed from the teacher's features, and uniform ones")
+    p.add_argument("--no-resume", action="store_true", help="refuse an --out that already holds a search")
+    return p
+
+
+def run_tune_cli(args) -> int:
+    """Runs :func:`run_tuning` for parsed ``tune`` arguments; prints a JSON summary."""
+    cfg = C.load(args.config, args.overrides)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
+    out = Path(args.out or f"runs/{cfg.name}-tune")
+    df = run_tuning(cfg, args.space, out, num_samples=args.num_samples, max_cost=args.max_cost,
+                    seed_from_analysis=args.seed_from_analysis, resume=not args.no_resume, verbose=1)
+    best = df[df["best"]].iloc[0]
+    tdir = out.expanduser().resolve() / "tune"
+    print(json.dumps({
+        "trials": df["status"].value_counts().to_dict(),
+        "best": {"trial_id": best["trial_id"], "quality": float(best["quality"]), "cost": float(best["cost"]),
+                 "boundaries": json.loads(best["boundaries"]), "widths": json.loads(best["widths"])},
+        "pareto": df[df["pareto"]][["trial_id", "quality", "cost"]].to_dict("records"),
+        "files": [str(tdir / f) for f in ("results.csv", "pareto.png", "best.yaml")],
+    }, indent=2, default=_py))
+    return 0

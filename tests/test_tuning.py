@@ -1,0 +1,336 @@
+"""Tune over boundaries and widths: space translation (property tests), bad spaces, one real 2-trial Tune run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT
+
+T = 1000
+SPACE = {
+    "segments.n": {"choice": [1, 2, 3, 4, 6]},
+    "segments.boundaries": {"ordered_cuts": {"low": 0.05, "high": 0.95, "min_gap": 0.02}},
+    "students.width": {"per_segment_choice": [0.25, 0.5, 0.75]},
+    "kd.lambda_feat": {"loguniform": [0.1, 10]},
+    "budget": {"train.steps": 10},
+}
+
+
+def _base(tiny_overrides, *extra) -> dict:
+    from o2mkd_ray import config
+
+    return config.load(ROOT / "pipelines" / "tiny.yaml", [*tiny_overrides, *extra]).to_dict()
+
+
+def _assert_valid(b, n, T=T):
+    assert len(b) == n + 1 and b[0] == 0 and b[-1] == T, b
+    assert all(x < y for x, y in zip(b, b[1:])), b
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# space translation
+
+
+def test_any_sample_resolves_to_a_valid_config(tiny_overrides):
+    from o2mkd_ray.segments import Segments
+    from o2mkd_ray.tuning import apply_budget, parse_space, resolve_trial_config, sample_point
+
+    sp = parse_space(SPACE)
+    base = apply_budget(_base(tiny_overrides), sp.budget)
+    ps = sp.param_space(3)
+    assert sum(k.startswith("segments.boundaries[") for k in ps) == 6  # weights for the largest n
+    assert sum(k.startswith("students.width[") for k in ps) == 6
+    seen_n = set()
+    for seed in range(300):
+        point = sample_point(ps, np.random.default_rng(seed))
+        cfg = resolve_trial_config(base, point, T)  # validates, else raises
+        n = point["segments.n"]
+        seen_n.add(n)
+        b = cfg.segments.boundaries
+        _assert_valid(b, n)
+        assert cfg.segments.n == n and cfg.segments.fractions is None
+        assert Segments.from_config(cfg.segments, T).boundaries == tuple(b)
+        cuts = b[1:-1]
+        assert all(50 <= c <= 950 for c in cuts), b  # inside [low, high]·T
+        assert min(np.diff(b)) >= 20  # min_gap·T
+        assert cfg.students.width == [point[f"students.width[{i}]"] for i in range(n)]
+        assert 0.1 <= cfg.kd.lambda_feat <= 10 and cfg.train.steps == 10
+    assert seen_n == {1, 2, 3, 4, 6}
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 8), T=st.integers(8, 2000), low=st.floats(0, 0.5), span=st.floats(0.05, 1.0),
+       min_gap=st.floats(0, 0.2), data=st.data())
+def test_cuts_from_weights_always_valid_and_invertible(n, T, low, span, min_gap, data):
+    from o2mkd_ray.config import ConfigError
+    from o2mkd_ray.tune_space import _cut_room, cuts_from_weights, weights_from_boundaries
+
+    high = min(1.0, low + span)
+    weights = data.draw(st.lists(st.floats(0, 1), min_size=n, max_size=n))
+    if n > 1 and _cut_room(n, T, low, high, min_gap)[2] < 0:
+        with pytest.raises(ConfigError, match="do not fit"):
+            cuts_from_weights(weights, n, T, low, high, min_gap)
+        return
+    b = cuts_from_weights(weights, n, T, low, high, min_gap)
+    _assert_valid(b, n, T)
+    g = max(1, int(np.ceil(min_gap * T - 1e-9)))
+    assert min(np.diff(b)) >= g
+    if n > 1:
+        assert b[1] >= low * T - 1e-6 and b[-2] <= high * T + 1e-6
+    w = weights_from_boundaries(b, T, n + 2, low, high, min_gap)
+    assert len(w) == n + 2 and all(0 <= x <= 1 + 1e-12 for x in w)
+    assert cuts_from_weights(w, n, T, low, high, min_gap) == b  # a point of the space gives these boundaries back
+
+
+def test_explicit_values_and_uniform_defaults(tiny_overrides):
+    from o2mkd_ray.tuning import resolve_trial_config
+
+    base = _base(tiny_overrides)
+    cfg = resolve_trial_config(base, {"segments.boundaries": [0, 100, 1000], "students.width": [0.5, 1.0]}, T)
+    assert cfg.segments.boundaries == [0, 100, 1000] and cfg.segments.n == 2 and cfg.students.width == [0.5, 1.0]
+    cfg = resolve_trial_config(base, {"segments.n": 4}, T)  # n alone: equal segments, made explicit
+    assert cfg.segments.boundaries == [0, 250, 500, 750, 1000]
+    assert resolve_trial_config(base, {}, T).segments.boundaries == [0, 333, 667, 1000]
+
+
+def test_shipped_spaces_parse_and_resolve(tiny_overrides):
+    from o2mkd_ray.tuning import apply_budget, check_space, load_space
+
+    for name in ("boundaries_widths.yaml", "kd_weights.yaml"):
+        sp = load_space(ROOT / "tune_spaces" / name)
+        base = _base(tiny_overrides)
+        check_space(sp, apply_budget(base, sp.budget), T, samples=64)
+        check_space(sp, base, T, samples=64)
+        assert sp.search["objective"] == "agreement" and sp.budget["train.steps"] == 200
+    sp = load_space(ROOT / "tune_spaces" / "boundaries_widths.yaml")
+    assert sp.n_values(3) == [2, 3, 4] and sp.cuts == {"low": 0.05, "high": 0.95, "min_gap": 0.05}
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"segments.nn": {"choice": [2]}}, "unknown config key 'segments.nn'; did you mean 'segments.n'"),
+    ({"students.widht": {"choice": [0.5]}}, "did you mean 'students.width'"),
+    ({"students.width": {"choise": [0.5]}}, "unknown distribution 'choise'; did you mean 'choice'"),
+    ({"students.width": {"normal": [0, 1]}}, "unknown distribution 'normal'"),
+    ({"kd.lambda_feat": {"loguniform": [0, 1]}}, "loguniform needs low > 0"),
+    ({"kd.lambda_feat": {"uniform": [2, 1]}}, "low < high"),
+    ({"kd.lambda_feat": {"uniform": 3}}, r"takes \[low, high\]"),
+    ({"kd.lambda_feat": 0.5}, "expected one distribution"),
+    ({"segments.n": {"uniform": [1, 4]}}, "segments.n: needs choice, grid or randint"),
+    ({"segments.n": {"choice": [0, 2]}}, "segments.n: needs"),
+    ({"kd.lambda_feat": {"per_segment_choice": [1]}}, "per-segment keys"),
+    ({"students.width": {"ordered_cuts": {}}}, "ordered_cuts works on segments.boundaries only"),
+    ({"segments.boundaries": {"ordered_cuts": {"low": 0.9, "high": 0.1}}}, "0 <= low < high <= 1"),
+    ({"segments.boundaries": {"ordered_cuts": {"lo": 0.1}}}, "ordered_cuts takes a mapping"),
+    ({"segments.boundaries": {"uniform": [0, 1]}}, "use {ordered_cuts"),
+    ({"segments.fractions": {"choice": [[0.5]]}}, "ordered_cuts instead"),
+    ({"segments.n": {"choice": [2]}, "search": {"algorith": "grid"}}, "unknown setting 'algorith'; did you mean"),
+    ({"segments.n": {"choice": [2]}, "search": {"algorithm": "bayes"}}, "search.algorithm: must be one of"),
+    ({"segments.n": {"choice": [2]}, "search": {"objective": "fid"}}, "search.objective"),
+    ({"segments.n": {"choice": [2]}, "search": {"num_samples": 0}}, "num_samples"),
+    ({"segments.n": {"choice": [2]}, "budget": {"train.stepz": 3}}, "budget: unknown config key 'train.stepz'; "
+                                                                    "did you mean 'train.steps'"),
+    ({"segments.n": {"grid": [2, 3]}, "search": {"algorithm": "optuna"}}, "cannot take grid"),
+    ({"budget": {"train.steps": 3}}, "no tuned keys"),
+])
+def test_bad_spaces_raise_config_error(space, match):
+    from o2mkd_ray.config import ConfigError
+    from o2mkd_ray.tuning import parse_space
+
+    with pytest.raises(ConfigError, match=match):
+        parse_space(space)
+
+
+def test_bad_space_files_and_infeasible_samples(tiny_overrides, tmp_path):
+    from o2mkd_ray.config import ConfigError
+    from o2mkd_ray.tuning import apply_budget, check_space, load_space, parse_space
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("segments.n: {choice: [2, 3]\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_space(tmp_path / "bad.yaml")
+    base = _base(tiny_overrides)
+    with pytest.raises(ConfigError, match="do not fit"):  # 39 cuts 50 timesteps apart in [0.4, 0.6]·T
+        check_space(parse_space({"segments.n": {"choice": [2, 40]}, "segments.boundaries": {
+            "ordered_cuts": {"low": 0.4, "high": 0.6, "min_gap": 0.05}}}), base, T)
+    with pytest.raises(ConfigError, match="students.width"):  # widths the config rejects
+        check_space(parse_space({"students.width": {"per_segment_choice": [0.5, 5.0]}}), base, T)
+    with pytest.raises(ConfigError, match="students.width: got 3 widths for 2 segments"):
+        check_space(parse_space({"segments.n": {"choice": [2]}}), {**base, "students": {"width": [0.5] * 3}}, T)
+    with pytest.raises(ConfigError, match="budget: train.steps"):
+        apply_budget(base, {"train.steps": -1})
+
+
+def test_unbuildable_student_widths_fail_before_ray(tiny_overrides):
+    from o2mkd_ray.config import ConfigError
+    from o2mkd_ray.teacher import load_teacher
+    from o2mkd_ray.tuning import check_students, parse_space
+
+    base = _base(tiny_overrides)
+    teacher, _ = load_teacher(__import__("o2mkd_ray.config").config.from_dict(base).teacher)
+    check_students(parse_space({"students.width": {"per_segment_choice": [0.5, 1.0]}}), teacher, base)
+    with pytest.raises(ConfigError, match="0 channels"):  # 4 channels x 0.1 rounds to 0
+        check_students(parse_space({"students.width": {"per_segment_choice": [0.5, 0.1]}}), teacher, base)
+
+
+def test_max_concurrent_trials_from_cluster_resources(tiny_overrides):
+    from o2mkd_ray.config import from_dict
+    from o2mkd_ray.tuning import max_concurrent_trials
+
+    cfg = from_dict(_base(tiny_overrides))  # 0.25 CPU per worker, teacher 0.25 CPU, + 0.01 per trial
+    assert max_concurrent_trials(cfg, 3, {"CPU": 2.0}) == 1  # 1.01 per trial
+    assert max_concurrent_trials(cfg, 3, {"CPU": 16.0}) == 15
+    assert max_concurrent_trials(cfg, 1, {"CPU": 2.0}) == 3  # 0.51 per trial
+    assert max_concurrent_trials(cfg, 3, {"CPU": 0.5}) == 1  # at least one
+    cfg.ray.gpus_per_worker, cfg.teacher.num_gpus = 0.5, 0.5
+    assert max_concurrent_trials(cfg, 3, {"CPU": 64.0, "GPU": 4.0}) == 2  # GPU-bound: 2 per trial
+
+
+def test_progress_aggregates_only_complete_steps():
+    from o2mkd_ray.tuning import _Progress
+
+    got = []
+    p = _Progress(2, 30, {"cost": 0.5}, got.append)
+    p(0, {"step": 10, "val_loss": 1.0, "loss_avg": 2.0, "samples_per_s": 5})
+    assert got == []  # segment 1 has not reached step 10 yet
+    p(0, {"step": 20, "val_loss": 0.5, "loss_avg": 1.0, "samples_per_s": 5})
+    p(1, {"step": 10, "val_loss": 3.0, "loss_avg": 4.0, "samples_per_s": 7})
+    p(1, {"step": 20, "val_loss": 1.5, "loss_avg": 1.0, "samples_per_s": 7})
+    p(0, {"step": 30, "val_loss": 0.1, "loss_avg": 1.0, "samples_per_s": 5})
+    p(1, {"step": 30, "val_loss": 0.1, "loss_avg": 1.0, "samples_per_s": 5})  # the final step: left to the trial
+    assert [(r["step"], r["quality"], r["samples_per_s"]) for r in got] == [(10, 2.0, 12.0), (20, 1.0, 12.0)]
+    assert all(r["cost"] == 0.5 and r["val_loss"] == r["quality"] and not r["final"] for r in got)
+
+
+def test_pareto_front_and_best_selection(tmp_path):
+    from o2mkd_ray.tuning import pareto_front, plot_pareto
+
+    df = pd.DataFrame({"trial_id": ["a_0", "b_1", "c_2", "d_3", "e_4"], "n": [2, 3, 3, 4, 2],
+                       "status": ["TERMINATED", "TERMINATED", "TERMINATED", "STOPPED", "TERMINATED"],
+                       "quality": [1.0, 0.5, 0.6, 0.1, 2.0], "cost": [0.2, 0.5, 0.6, 0.1, 0.1]})
+    df["pareto"] = pareto_front(df)
+    # c is beaten by b on both; d is not finished; e is cheapest
+    assert df["pareto"].tolist() == [True, True, False, False, True]
+    plot_pareto(df, tmp_path / "p.png", "agreement", max_cost=0.4, best="a_0")
+    assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+def test_seed_points_express_the_analysis_proposal(tiny_overrides):
+    from o2mkd_ray.analysis import feature_stats, propose_boundaries
+    from o2mkd_ray.config import from_dict
+    from o2mkd_ray.segments import Segments
+    from o2mkd_ray.tuning import parse_space, resolve_trial_config, seed_points
+
+    sp = parse_space({"segments.n": {"choice": [2, 3]},
+                      "segments.boundaries": {"ordered_cuts": {"low": 0.0, "high": 1.0, "min_gap": 0.001}},
+                      "students.width": {"per_segment_choice": [0.5, 0.75]}})
+    base = _base(tiny_overrides)
+    cfg = from_dict(base)
+    stats = feature_stats(cfg, num_images=4, num_timesteps=10)
+    points = seed_points(sp, cfg, base, T, stats=stats)
+    got = [resolve_trial_config(base, {**sp.constants(), **p}, T).segments.boundaries for p in points]
+    expected = [propose_boundaries(cfg, n, stats=stats) for n in (2, 3)]
+    expected += [list(Segments.uniform(T, n).boundaries) for n in (2, 3)]
+    assert got == [b for i, b in enumerate(expected) if b not in expected[:i]]
+    from o2mkd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs `segments.boundaries: {ordered_cuts"):
+        seed_points(parse_space({"segments.n": {"choice": [2]}}), cfg, base, T, stats=stats)
+
+
+def test_run_tuning_fails_early_on_bad_input(tiny_overrides, tmp_path):
+    """Before any Ray work: an existing search with --no-resume, a missing optional package."""
+    from o2mkd_ray.config import ConfigError, from_dict
+    from o2mkd_ray.tuning import run_tuning
+
+    cfg = from_dict(_base(tiny_overrides))
+    exp = tmp_path / "out" / "tune" / "ray" / "tune"
+    exp.mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a tune search"):
+        run_tuning(cfg, {"segments.n": {"choice": [2]}}, tmp_path / "out", resume=False)
+    for alg in ("optuna", "hyperopt"):
+        if importlib.util.find_spec(alg) is None:
+            with pytest.raises(ConfigError, match=f"search.algorithm={alg} needs `pip install {alg}`"):
+                run_tuning(cfg, {"kd.lambda_feat": {"uniform": [0.1, 1]}, "search": {"algorithm": alg}},
+                           tmp_path / f"out-{alg}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one real Tune run
+
+
+@pytest.mark.ray
+def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, tiny_overrides, tmp_path):
+    import mlflow
+
+    from o2mkd_ray import cli, config
+    from o2mkd_ray.tuning import run_tuning
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "segments.n": {"choice": [2, 3]},
+        "segments.boundaries": {"ordered_cuts": {"low": 0.1, "high": 0.9, "min_gap": 0.05}},
+        "students.width": {"per_segment_choice": [0.5, 1.0]},
+        # trials: 10 steps, a report at 5; fractional CPUs so that both trials fit on 2 CPUs at once
+        "budget": {"train.steps": 10, "train.checkpoint_every": 5, "ray.cpus_per_worker": 0.2,
+                   "teacher.num_cpus": 0.1},
+        "search": {"algorithm": "random", "scheduler": "asha", "num_samples": 2, "grace_period": 5,
+                   "eval_samples": 64, "seed": 3},
+    }))
+    db = tmp_path / "mlflow.db"
+    cfg = config.load(ROOT / "pipelines" / "tiny.yaml",
+                      [*tiny_overrides, "mlflow.enabled=true", f"mlflow.tracking_uri=sqlite:///{db}"])
+    out = tmp_path / "out"
+    df = run_tuning(cfg, space, out)
+
+    res = pd.read_csv(out / "tune" / "results.csv")
+    assert len(res) == 2 and len(df) == 2
+    for col in ("trial_id", "n", "boundaries", "widths", "quality", "cost", "status", "steps", "pareto", "best"):
+        assert col in res.columns, col
+    assert set(res["status"]) <= {"TERMINATED", "STOPPED"}, res[["status", "error"]].to_dict("records")
+    fin = res[res["status"] == "TERMINATED"]
+    assert len(fin) >= 1  # ASHA may stop the worse one at step 5, never both
+    for r in res.itertuples():
+        b, w = json.loads(r.boundaries), json.loads(r.widths)
+        assert len(b) == r.n + 1 and b[0] == 0 and b[-1] == T and all(x < y for x, y in zip(b, b[1:]))
+        assert len(w) == r.n and set(w) <= {0.5, 1.0}
+        assert 0 < r.cost <= 1.0 + 1e-9  # students are at most as wide as the teacher
+        assert (out / "tune" / "trials" / r.trial_id / "config.json").is_file()
+    assert np.isfinite(fin["quality"]).all() and (fin["quality"] > 0).all() and (fin["steps"] == 10).all()
+    # intermediate reports reached Tune (the scheduler's input) before the final one
+    for tid in fin["trial_id"]:
+        prog = pd.read_csv(next((out / "tune" / "ray" / "tune").glob(f"{tid}*/progress.csv")))
+        assert prog["step"].tolist() == [5, 10] and prog["final"].tolist() == [False, True]
+    assert (out / "tune" / "pareto.png").stat().st_size > 5000
+    assert res["pareto"].any() and res["best"].sum() == 1
+
+    best_row = res[res["best"]].iloc[0]
+    best = yaml.safe_load((out / "tune" / "best.yaml").read_text())
+    assert best["segments"]["boundaries"] == json.loads(best_row["boundaries"])
+    w = best["students"]["width"]
+    assert (w if isinstance(w, list) else [w] * best_row["n"]) == json.loads(best_row["widths"])
+    # the full budget, not the trials' reduced one
+    assert best["train"]["steps"] == 20 and best["train"]["checkpoint_every"] == 10
+    assert best["ray"]["cpus_per_worker"] == 0.25
+    assert cli.main(["distill", str(out / "tune" / "best.yaml"), "--dry-run", "--out", str(tmp_path / "d")]) == 0
+
+    # MLflow: the trials are runs nested under one tune run, and none is left RUNNING (ASHA-stopped included)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("o2mkd.kind") == "tune"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["o2mkd.trial_id"] for r in trials) == sorted(res["trial_id"])
+    assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    for r in trials:
+        if r.data.tags["o2mkd.trial_id"] in set(fin["trial_id"]):
+            assert r.info.status == "FINISHED" and "agreement_mse" in r.data.metrics
