@@ -46,9 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default=None, help="PNG path (default PIPELINE_DIR/../samples_cli.png)")
     _debug_flag(s)
 
+    from .analysis import add_analyze_parser
     from .evaluation import add_eval_parser
+    from .tuning import add_tune_parser
 
-    add_eval_parser(sub)
+    for add in (add_eval_parser, add_tune_parser, add_analyze_parser):
+        _debug_flag(add(sub))
 
     t = sub.add_parser("teacher", help="train a small UNet2DModel teacher (how the embedded default was made)")
     t.add_argument("config")
@@ -70,14 +73,14 @@ def _distill(args) -> int:
     if args.no_eval:
         cfg.eval.enabled = False
     out = C.check_out_path(args.out or f"runs/{cfg.name}")
-    if args.engine == "ray" and not args.dry_run:  # a dry run may be meant for another machine's cluster
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        C.check_ray_address(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
     from .driver import preflight
     from .teacher import check_run
 
     check_run(cfg)  # teacher files, segments vs the teacher's T, student shapes: all before any Ray work
     out = preflight(cfg, out, strict=not args.dry_run)
+    if args.engine == "ray" and not args.dry_run:  # a dry run may be meant for another machine's cluster
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        C.check_ray_address(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
     print(cfg.to_json() if args.dry_run else f"o2mkd-ray distill → {out}")
     if args.dry_run:
         print("dry run: config is valid", file=sys.stderr)
@@ -164,13 +167,15 @@ def _sample(args) -> int:
     from .assemble import make_scheduler, save_grid
     from .pipeline import O2MKDPipeline
 
+    from diffusers.utils import logging as dlogging
+
+    dlogging.disable_progress_bar()  # stderr stays for errors
     try:
         pipe = O2MKDPipeline.from_pretrained(d)
     except (OSError, ValueError, KeyError, TypeError) as e:  # what diffusers raises on a damaged folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"pipeline folder {str(d)!r} cannot be loaded ({first}); re-run distill with the same "
                           "--out to re-assemble it") from None
-    pipe.set_progress_bar_config(disable=True)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     g = torch.Generator().manual_seed(args.seed)
@@ -195,9 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        from .analysis import run_analyze_cli
         from .evaluation import run_eval_cli
+        from .tuning import run_tune_cli
 
-        return {"distill": _distill, "sample": _sample, "teacher": _teacher, "eval": run_eval_cli}[args.cmd](args)
+        commands = {"distill": _distill, "sample": _sample, "teacher": _teacher, "eval": run_eval_cli,
+                    "tune": run_tune_cli, "analyze": run_analyze_cli}
+        return commands[args.cmd](args)
     except Exception as e:
         if not _user_error(e) or args.debug:
             raise

@@ -151,7 +151,7 @@ class SegmentDistiller:
         from diffusers import UNet2DModel
 
         directory = Path(directory)
-        manifest = verify_checkpoint(directory)
+        manifest = verify_checkpoint(directory, self.cfg)  # also rejects a checkpoint of another config
         cls = type(self.student) if hasattr(self.student, "from_pretrained") else UNet2DModel
         self.student.load_state_dict(cls.from_pretrained(directory / "student").state_dict())
         self.ema.load_state_dict(cls.from_pretrained(directory / "ema").state_dict())

@@ -45,18 +45,14 @@ def preflight(cfg: Config, out: str | Path, strict: bool = True) -> Path:
     Args:
         strict: False for ``--dry-run``: missing optional packages (torchvision, datasets) only warn.
     """
+    from .config import check_out_path
     from .data import check_data
-    from .teacher import check_teacher
+    from .teacher import check_run
 
-    check_teacher(cfg.teacher, cfg.data)
+    check_run(cfg)  # teacher files + segments vs the teacher's T + every student's shape (meta device)
     for w in check_data(cfg.data, strict=strict):
         log.warning("%s", w)
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder")
-    parent = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {str(out)!r} is not writable; choose a folder you can write to")
+    out = check_out_path(out).resolve()  # a file, a path under a file, read-only: one line, nothing created
     prev = out / "config.json"
     if prev.is_file():
         try:
@@ -90,6 +86,10 @@ def _init_ray(cfg: Config):
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     quiet = dict(configure_logging=True, logging_level=logging.WARNING)
     if address:
+        from .config import check_ray_address
+
+        # ray.init on a dead address retries for minutes (measured: >5 min for 127.0.0.1:1): one TCP connect first
+        check_ray_address(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
         try:
             ray.init(address=address, **quiet)  # an existing cluster: bare init (num_cpus would be rejected)
         except (ConnectionError, RuntimeError, ValueError) as e:

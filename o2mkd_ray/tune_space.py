@@ -29,7 +29,8 @@ from . import config as C
 from .config import Config, ConfigError
 
 SCALAR_DISTS = ("choice", "grid", "uniform", "loguniform", "randint")
-DISTRIBUTIONS = (*SCALAR_DISTS, *(f"per_segment_{d}" for d in SCALAR_DISTS), "ordered_cuts")
+# per segment: no grid (a grid over max-n values would repeat configs for smaller n)
+DISTRIBUTIONS = (*SCALAR_DISTS, *(f"per_segment_{d}" for d in SCALAR_DISTS if d != "grid"), "ordered_cuts")
 PER_SEGMENT_KEYS = ("students.width", "students.layers_per_block")
 CUTS_KEY = "segments.boundaries"
 CUTS_DEFAULTS = {"low": 0.0, "high": 1.0, "min_gap": 0.02}
@@ -118,10 +119,9 @@ class SearchSpace:
             if p.dist == "ordered_cuts":
                 space[p.key] = {"ordered_cuts": self.cuts}  # a constant: resolve_trial_config reads it
                 space.update({f"{p.key}[{i}]": tune.uniform(0.0, 1.0) for i in range(max_n)})
-            elif p.per_segment:  # grid over per-segment values would repeat configs for smaller n: sampled
-                d = "choice" if p.base_dist == "grid" else p.base_dist
-                space.update({f"{p.key}[{i}]": domain(d, p.args) if not grid or d != "choice"
-                              else tune.choice(list(p.args)) for i in range(max_n)})
+            elif p.per_segment:  # sampled even with algorithm grid (see DISTRIBUTIONS)
+                space.update({f"{p.key}[{i}]": tune.choice(list(p.args)) if p.base_dist == "choice"
+                              else domain(p.base_dist, p.args) for i in range(max_n)})
             else:
                 space[p.key] = domain(p.dist, p.args)
         return space

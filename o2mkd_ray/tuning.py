@@ -11,9 +11,11 @@ overrides, e.g. fewer steps; ``best.yaml`` keeps the full budget) and a ``search
     search: {algorithm: random, scheduler: asha, objective: agreement, num_samples: 12}
 
 Distributions: ``choice: [...]``, ``grid: [...]``, ``uniform: [low, high]``, ``loguniform: [low, high]``,
-``randint: [low, high]`` (high exclusive, as ``tune.randint``); ``per_segment_<one of these>`` on
-``students.width`` / ``students.layers_per_block`` (one value per segment: the space holds as many as the
-largest ``segments.n`` and a trial takes the first n); ``ordered_cuts`` on ``segments.boundaries``.
+``randint: [low, high]`` (high exclusive, as ``tune.randint``); ``per_segment_choice`` (``_uniform``,
+``_loguniform``, ``_randint``) on ``students.width`` / ``students.layers_per_block`` (one value per segment: the
+space holds as many as the largest ``segments.n`` and a trial takes the first n); ``ordered_cuts`` on
+``segments.boundaries``. With ``search: {algorithm: grid}`` every ``choice`` becomes a grid (per-segment values
+stay sampled).
 
 ``ordered_cuts`` always gives valid, strictly increasing boundaries (see :mod:`o2mkd_ray.tune_space`); the
 parsing and the sample -> Config translation live there and are re-exported here.
@@ -249,7 +251,7 @@ def _trial(config: dict, ctx: dict) -> None:
             tracker.finish("FAILED")
         raise
     lengths = np.diff(report["boundaries"])
-    real_cost = float(sum(l * seg["macs"] for l, seg in zip(lengths, report["segments"]))
+    real_cost = float(sum(n * seg["macs"] for n, seg in zip(lengths, report["segments"]))
                       / (report["boundaries"][-1] * max(1, report["teacher"]["macs"])))
     vals = [x.get("val_loss") for x in report["segments"] if x.get("val_loss") is not None]
     final = {**extra, **obj, "step": cfg.train.steps, "cost": real_cost, "objective": s["objective"],
@@ -418,6 +420,7 @@ def run_tuning(cfg: Config, space, out: str | Path, num_samples: int | None = No
     base_n = C.from_dict(trial_base).segments.n
     max_n = max(sp.n_values(base_n))
     points = seed_points(sp, cfg, trial_base, T) if seed_from_analysis and not restoring else []
+    points = points[:num_samples]  # Tune would run every point even beyond num_samples
     tdir.mkdir(parents=True, exist_ok=True)
     ident_file.write_text(json.dumps({"ident": ident, "num_samples": num_samples, "points_to_evaluate": points},
                                      indent=2, default=_py))
@@ -546,7 +549,9 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, objective: str, max_cost: fl
     fin = df[(df["status"] == "TERMINATED") & np.isfinite(df["quality"].astype(float))]
     ax.scatter(fin["cost"], fin["quality"], s=24, color="0.6", label="finished trial")
     front = fin[fin["pareto"]].sort_values("cost")
-    ax.plot(front["cost"], front["quality"], "o-", color="C3", ms=6, lw=1.2, label="Pareto front")
+    # steps: everything up and to the right of the line is dominated
+    ax.plot(front["cost"], front["quality"], "o-", color="C3", ms=6, lw=1.2, drawstyle="steps-post",
+            label="Pareto front")
     for r in fin.itertuples():
         ax.annotate(f"{r.trial_id.rsplit('_', 1)[-1]} n={r.n}", (r.cost, r.quality), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
@@ -598,9 +603,21 @@ def _write_outputs(df: pd.DataFrame, sp: SearchSpace, base: dict, T: int, tdir: 
               f"{best['quality']:.6g}, cost {best['cost']:.4g} x teacher MACs per step"
               + (f" (max cost {max_cost:g})" if max_cost is not None else "")
               + "\n# full training budget (the space's budget: applied to trials only)\n")
-    (tdir / "best.yaml").write_text(header + yaml.safe_dump(full.to_dict(), sort_keys=False,
-                                                            default_flow_style=None))
+    (tdir / "best.yaml").write_text(header + dump_config_yaml(full.to_dict()))
     return str(best["trial_id"])
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Block-style sections, flow-style lists of scalars (``boundaries: [0, 333, 1000]``), like pipelines/*.yaml."""
+
+
+_ConfigDumper.add_representer(list, lambda d, v: d.represent_sequence(
+    "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, (list, dict)) for x in v)))
+
+
+def dump_config_yaml(data: dict) -> str:
+    """A config dict as YAML in the style of ``pipelines/*.yaml``."""
+    return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=110)
 
 
 def _close_trial_runs(parent, df: pd.DataFrame) -> None:

@@ -246,6 +246,49 @@ def test_seed_points_express_the_analysis_proposal(tiny_overrides):
         seed_points(parse_space({"segments.n": {"choice": [2]}}), cfg, base, T, stats=stats)
 
 
+def test_seed_points_are_complete_for_optuna_and_hyperopt(tiny_overrides):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from o2mkd_ray.analysis import feature_stats
+    from o2mkd_ray.config import from_dict
+    from o2mkd_ray.tuning import parse_space, resolve_trial_config, seed_points
+
+    base = _base(tiny_overrides, "kd.lambda_feat=0.05", "students.width=0.5")
+    cfg = from_dict(base)
+    stats = feature_stats(cfg, num_images=2, num_timesteps=6)
+    sp = parse_space({**SPACE, "students.layers_per_block": {"per_segment_randint": [1, 3]},
+                      "search": {"algorithm": "optuna"}})
+    ps = sp.param_space(3)
+    points = seed_points(sp, cfg, base, T, stats=stats)
+    assert len(points) >= 5  # proposals for n = 2, 3, 4, 6, then uniform splits
+    for p in points:
+        assert set(p) == set(ps) - {"segments.boundaries"}  # every sampled key, constants aside
+        for k, dom in ps.items():
+            if isinstance(dom, Categorical):
+                assert p[k] in dom.categories
+            elif isinstance(dom, (Float, Integer)):
+                assert dom.lower <= p[k] <= dom.upper
+        assert p["kd.lambda_feat"] == 0.1  # the base value 0.05, moved into the domain [0.1, 10]
+        assert p["students.width[0]"] == 0.5  # the base width, a valid choice
+        resolve_trial_config(base, {**sp.constants(), **p}, T)
+
+
+def test_tune_cli_hooks_parse_and_fail_early(tiny_overrides, tmp_path):
+    import argparse
+
+    from o2mkd_ray.config import ConfigError
+    from o2mkd_ray.tuning import add_tune_parser, run_tune_cli
+
+    p = argparse.ArgumentParser()
+    add_tune_parser(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(["tune", str(ROOT / "pipelines" / "tiny.yaml"), str(tmp_path / "missing.yaml"),
+                         "--num-samples", "3", "--out", str(tmp_path / "o"), "--max-cost", "0.5",
+                         "--seed-from-analysis", "--no-resume", *[a for o in tiny_overrides for a in ("--set", o)]])
+    assert (args.num_samples, args.max_cost, args.seed_from_analysis, args.no_resume) == (3, 0.5, True, True)
+    with pytest.raises(ConfigError, match="space file .*missing.yaml' does not exist"):
+        run_tune_cli(args)
+
+
 def test_run_tuning_fails_early_on_bad_input(tiny_overrides, tmp_path):
     """Before any Ray work: an existing search with --no-resume, a missing optional package."""
     from o2mkd_ray.config import ConfigError, from_dict
@@ -264,20 +307,102 @@ def test_run_tuning_fails_early_on_bad_input(tiny_overrides, tmp_path):
                            tmp_path / f"out-{alg}")
 
 
+class _Result:
+    """The parts of a ray.tune.Result that the results table reads."""
+
+    def __init__(self, path, config, metrics, error=None):
+        self.path, self.config, self.metrics, self.error = str(path), config, metrics, error
+
+
+def test_results_table_best_yaml_and_max_cost(tiny_overrides, tmp_path):
+    from o2mkd_ray.config import ConfigError, from_dict
+    from o2mkd_ray.teacher import load_teacher
+    from o2mkd_ray.tuning import _results_frame, _write_outputs, apply_budget, parse_space, sample_point
+
+    sp = parse_space({**SPACE, "segments.n": {"choice": [2, 3]}})
+    base = _base(tiny_overrides)
+    trial_base = apply_budget(base, sp.budget)
+    teacher, _ = load_teacher(from_dict(base).teacher)
+    ps = sp.param_space(3)
+    cfgs = [sample_point(ps, np.random.default_rng(i)) for i in range(4)]
+    grid = [_Result(tmp_path / "x_00000", cfgs[0], {"final": True, "quality": 0.5, "cost": 0.6, "step": 10}),
+            _Result(tmp_path / "x_00001", cfgs[1], {"final": True, "quality": 0.3, "cost": 0.9, "step": 10}),
+            _Result(tmp_path / "x_00002", cfgs[2], {"final": False, "quality": 9.0, "cost": 0.2, "step": 5}),
+            _Result(tmp_path / "x_00003", cfgs[3], {}, error=RuntimeError("Traceback\nValueError: bad"))]
+    tdir = tmp_path / "tune"
+    tdir.mkdir()
+    df = _results_frame(grid, sp, trial_base, T, teacher, (1, 8, 8), tdir)
+    assert df["status"].tolist() == ["TERMINATED", "TERMINATED", "STOPPED", "ERROR"]
+    assert np.isnan(df["quality"][2]) and df["steps"].tolist() == [10, 10, 5, 0]
+    assert df["error"][3] == "ValueError: bad" and 0 < df["cost"][3] <= 1  # cost of a failed trial: from its config
+    assert df["pareto"].tolist() == [True, True, False, False]
+    for r in df.itertuples():
+        assert json.loads(r.boundaries)[-1] == T and len(json.loads(r.widths)) == r.n
+        assert r.n == cfgs[r.Index]["segments.n"]
+    assert df["kd.lambda_feat"].between(0.1, 10).all()  # the other tuned keys get their own columns
+
+    assert _write_outputs(df.copy(), sp, base, T, tdir, None, "tiny") == "x_00001"  # lowest quality
+    best = yaml.safe_load((tdir / "best.yaml").read_text())
+    assert best["name"] == "tiny-tuned" and best["train"]["steps"] == 20  # the full budget, not 10
+    assert best["segments"]["boundaries"] == json.loads(df["boundaries"][1])
+    assert best["students"]["width"] == json.loads(df["widths"][1])
+    assert best["kd"]["lambda_feat"] == pytest.approx(df["kd.lambda_feat"][1])
+    assert "best trial x_00001" in (tdir / "best.yaml").read_text().splitlines()[0]
+    assert _write_outputs(df.copy(), sp, base, T, tdir, 0.7, "tiny") == "x_00000"  # best under the cost cap
+    assert pd.read_csv(tdir / "results.csv")["best"].tolist() == [True, False, False, False]
+    (tdir / "best.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"no finished trial has cost <= 0.1 \(lowest: 0.6\); raise --max-cost"):
+        _write_outputs(df.copy(), sp, base, T, tdir, 0.1, "tiny")
+    assert (tdir / "results.csv").is_file() and (tdir / "pareto.png").is_file() and not (tdir / "best.yaml").exists()
+    with pytest.raises(ConfigError, match="no trial finished"):
+        _write_outputs(df.iloc[2:].copy(), sp, base, T, tdir, None, "tiny")
+
+
+def test_objective_and_cost_on_a_built_pipeline(tiny_overrides, tmp_path):
+    from o2mkd_ray.assemble import build_pipeline, costs, make_scheduler
+    from o2mkd_ray.config import from_dict
+    from o2mkd_ray.students import build_students
+    from o2mkd_ray.teacher import load_teacher
+    from o2mkd_ray.tuning import objective_value, sampling_cost
+
+    for widths, exact in (([1.0, 1.0], True), ([0.5, 1.0], False)):
+        cfg = from_dict({**_base(tiny_overrides), "segments": {"boundaries": [0, 400, T]},
+                         "students": {"width": widths}})
+        teacher, sched = load_teacher(cfg.teacher)
+        students = build_students(cfg, teacher, 2)  # teacher-slice init: width 1 students are exact copies
+        out = tmp_path / str(widths)
+        build_pipeline(students, [0, 400, T], make_scheduler("ddim", sched.config), cfg.data.value_range) \
+            .save_pretrained(out / "pipeline")
+        agree = objective_value(cfg, out, "agreement", teacher, sched, samples=32)
+        fid = objective_value(cfg, out, "fidelity", teacher, sched, images=2, steps=3)
+        assert agree["quality"] == agree["agreement_mse"] and fid["quality"] == fid["fidelity_mse"]
+        cost = sampling_cost(cfg, teacher, (1, 8, 8))
+        real = [costs(s, (1, 8, 8))["macs"] for s in students]  # what report.json counts, on real weights
+        assert cost["macs"] == real and cost["teacher_macs"] == costs(teacher, (1, 8, 8))["macs"]
+        assert cost["cost"] == pytest.approx((400 * real[0] + 600 * real[1]) / (T * cost["teacher_macs"]))
+        if exact:
+            assert agree["quality"] < 1e-10 and fid["quality"] < 1e-10 and cost["cost"] == 1.0
+        else:
+            assert agree["quality"] > 1e-6 and fid["quality"] > 0 and cost["cost"] < 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # one real Tune run
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, tiny_overrides, tmp_path):
     import mlflow
 
     from o2mkd_ray import cli, config
-    from o2mkd_ray.tuning import run_tuning
+    from o2mkd_ray.analysis import propose_boundaries
+    from o2mkd_ray.config import ConfigError
+    from o2mkd_ray.tuning import apply_budget, load_space, resolve_trial_config, run_tuning
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
-        "segments.n": {"choice": [2, 3]},
+        "segments.n": {"choice": [1, 2]},
         "segments.boundaries": {"ordered_cuts": {"low": 0.1, "high": 0.9, "min_gap": 0.05}},
         "students.width": {"per_segment_choice": [0.5, 1.0]},
         # trials: 10 steps, a report at 5; fractional CPUs so that both trials fit on 2 CPUs at once
@@ -290,10 +415,19 @@ def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, t
     cfg = config.load(ROOT / "pipelines" / "tiny.yaml",
                       [*tiny_overrides, "mlflow.enabled=true", f"mlflow.tracking_uri=sqlite:///{db}"])
     out = tmp_path / "out"
-    df = run_tuning(cfg, space, out)
+    # the first trials are the analysis proposal (n=2), then the uniform split (n=1)
+    df = run_tuning(cfg, space, out, seed_from_analysis=True)
+    seeded = json.loads((out / "tune" / "tune.json").read_text())["points_to_evaluate"]
+    sp = load_space(space)
+    base = apply_budget(cfg, sp.budget)
+    expected = [resolve_trial_config(base, {**sp.constants(), **p}, T).segments.boundaries for p in seeded]
+    cut = propose_boundaries(cfg, 2)[1]
+    assert expected[0] == [0, min(max(cut, 100), 900), T]  # the proposal, moved into [low, high]·T if outside
+    assert expected[1] == [0, T]
 
     res = pd.read_csv(out / "tune" / "results.csv")
     assert len(res) == 2 and len(df) == 2
+    assert [json.loads(b) for b in res["boundaries"]] == expected[:2]
     for col in ("trial_id", "n", "boundaries", "widths", "quality", "cost", "status", "steps", "pareto", "best"):
         assert col in res.columns, col
     assert set(res["status"]) <= {"TERMINATED", "STOPPED"}, res[["status", "error"]].to_dict("records")
@@ -304,6 +438,7 @@ def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, t
         assert len(b) == r.n + 1 and b[0] == 0 and b[-1] == T and all(x < y for x, y in zip(b, b[1:]))
         assert len(w) == r.n and set(w) <= {0.5, 1.0}
         assert 0 < r.cost <= 1.0 + 1e-9  # students are at most as wide as the teacher
+        assert (r.cost == 1.0) == (set(w) == {1.0})
         assert (out / "tune" / "trials" / r.trial_id / "config.json").is_file()
     assert np.isfinite(fin["quality"]).all() and (fin["quality"] > 0).all() and (fin["steps"] == 10).all()
     # intermediate reports reached Tune (the scheduler's input) before the final one
@@ -334,3 +469,11 @@ def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, t
     for r in trials:
         if r.data.tags["o2mkd.trial_id"] in set(fin["trial_id"]):
             assert r.info.status == "FINISHED" and "agreement_mse" in r.data.metrics
+
+    # the same command again restores the finished search (Tuner.restore): no new trial, the same table
+    again = run_tuning(cfg, space, out)
+    assert again["trial_id"].tolist() == res["trial_id"].tolist()
+    assert again["status"].tolist() == res["status"].tolist()
+    assert len(list((out / "tune" / "trials").iterdir())) == 2
+    with pytest.raises(ConfigError, match="already holds a tune search"):
+        run_tuning(cfg, space, out, resume=False)
