@@ -14,22 +14,17 @@ call that gets through.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import mlflow
-import pandas as pd
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -39,6 +34,13 @@ from mlflow.utils.validation import (
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
+)
+
+from .mlflow_model import (  # noqa: F401 - re-exported: the pyfunc model is part of tracking's API
+    PipelineModel,
+    _pip_requirements,
+    _signature,
+    save_pipeline_model,
 )
 
 log = logging.getLogger("o2mkd_ray")
@@ -197,93 +199,6 @@ def _scoped_env(timeout_s: float | None = None, **extra: str):
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the pipeline as an MLflow pyfunc model
-
-
-class PipelineModel(mlflow.pyfunc.PythonModel):
-    """``mlflow.pyfunc`` wrapper of :class:`~o2mkd_ray.O2MKDPipeline`.
-
-    ``predict`` takes a DataFrame (first row) or a dict with ``num_images`` (default 4), ``steps`` (default 50),
-    ``seed`` (default 0) and returns images as a float32 array of shape (B, H, W, C) in [0, 1].
-    """
-
-    def load_context(self, context):
-        from o2mkd_ray.pipeline import O2MKDPipeline
-
-        self.pipe = O2MKDPipeline.from_pretrained(context.artifacts["pipeline"])
-        self.pipe.set_progress_bar_config(disable=True)
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):  # (B, H, W, C)
-        import numpy as np
-        import torch
-
-        args = dict(params or {})
-        if isinstance(model_input, pd.DataFrame):  # first row; MLflow turns a dict input into one
-            rows = model_input.to_dict(orient="records")
-            args.update({k: v for k, v in (rows[0] if rows else {}).items() if v is not None and v == v})  # no NaN
-        elif isinstance(model_input, dict):
-            args.update({k: (v[0] if isinstance(v, (list, tuple)) and v else v) for k, v in model_input.items()})
-        n, steps, seed = (int(args.get("num_images", 4)), int(args.get("steps", 50)), int(args.get("seed", 0)))
-        images = self.pipe(batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                           output_type="np").images
-        return np.asarray(images, dtype=np.float32)  # (B, H, W, C)
-
-
-def _pip_requirements() -> list[str]:
-    # pinned from this environment, no resolution over the network; local tags (+cpu) are not on PyPI
-    reqs = []
-    for dist in ("torch", "diffusers", "numpy", "pandas", "safetensors", "accelerate"):
-        try:
-            reqs.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
-        except importlib.metadata.PackageNotFoundError:
-            if dist in ("torch", "diffusers", "numpy"):
-                reqs.append(dist)
-    return reqs
-
-
-_MODEL_CODE = """\
-# MLflow "models from code" entry point (no pickled objects): the pyfunc wrapper of O2MKDPipeline
-import mlflow
-from o2mkd_ray.tracking import PipelineModel
-
-mlflow.models.set_model(PipelineModel())
-"""
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    import numpy as np
-
-    inputs = Schema([ColSpec("long", name, required=False) for name in ("num_images", "steps", "seed")])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, -1))]))
-
-
-def save_pipeline_model(pipeline_dir: str | Path, path: str | Path, mlflow_model=None) -> Path:
-    """Saves ``pipeline_dir`` as a self-contained MLflow pyfunc model folder at ``path`` (no tracking calls).
-
-    The model is "code, not pickle" (MLflow's models from code); the ``o2mkd_ray`` package goes in as
-    ``code_paths``, so loading needs torch and diffusers but not this package installed; requirements are pinned
-    from this environment, so nothing is resolved over the network.
-    """
-    pkg = Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory(prefix="o2mkd-code-") as tmp, _scoped_env(), warnings.catch_warnings():
-        # an input example would make MLflow run the pipeline once while saving: too slow for large pipelines
-        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-        code = Path(tmp) / pkg.name
-        shutil.copytree(pkg, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "assets"))
-        entry = Path(tmp) / "o2mkd_pipeline_model.py"
-        entry.write_text(_MODEL_CODE)
-        mlflow.pyfunc.save_model(
-            path=str(path), python_model=str(entry), artifacts={"pipeline": str(pipeline_dir)},
-            code_paths=[str(code)], pip_requirements=_pip_requirements(), signature=_signature(),
-            mlflow_model=mlflow_model,
-        )
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,5 +18,5 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     $PIP install -q "${O2MKD_TORCH:-torch==2.13.0}"
   fi
 fi
-$PIP install -q -e ".[${O2MKD_EXTRAS:-test}]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+$PIP install -q -e ".[${O2MKD_EXTRAS:-test}]"
 .venv/bin/python -c "import o2mkd_ray, torch, ray, diffusers; print('o2mkd-ray', o2mkd_ray.__version__, '| torch', torch.__version__, '| ray', ray.__version__, '| diffusers', diffusers.__version__)"

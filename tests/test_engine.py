@@ -178,7 +178,11 @@ def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
                sys.executable, "-m", "o2mkd_ray.cli", "distill", "pipelines/tiny.yaml",
                "--set", f"teacher.pretrained={tiny_teacher_dir}", "--set", "mlflow.enabled=false",
                "--set", "eval.enabled=false", "--out", str(out)]
-        r = subprocess.run(cmd, env=env_job, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the job agent registers a little after the job server answers
+            r = subprocess.run(cmd, env=env_job, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in r.stdout + r.stderr:
+                break
+            time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         jobs = subprocess.run([str(ray_bin), "job", "list"], env=env_job, capture_output=True, text=True).stdout
         assert "status=<JobStatus.SUCCEEDED" in jobs and "FAILED" not in jobs, jobs[-2000:]
