@@ -254,26 +254,10 @@ def _quick_eval(cfg: Config, out: Path, tracker) -> dict:
     return ev.get("metrics", {})
 
 
-def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
-    """Distils the teacher into ``segments.n`` students, one Ray TorchTrainer per segment, all concurrently.
+def _prepare_run(cfg: Config, out, tracker):
+    """Both engines' start: OUT/config.json, the teacher and its scheduler, input shape, segments."""
+    from .teacher import load_teacher, sample_shape
 
-    Args:
-        cfg: validated config.
-        out: run folder (created; an existing folder with the same config resumes).
-        progress: print one line per segment report.
-        on_progress: called in the driver as ``on_progress(segment, metrics)`` for every report of every
-            segment while training runs (Tune trials use it to report intermediate results).
-        tracker: optional :class:`o2mkd_ray.tracking.RunTracker` (MLflow), fed from the driver side only.
-    Returns:
-        The report dict (also written to ``OUT/report.json``).
-    """
-    import ray
-    from ray.util.queue import Empty, Queue
-
-    from .teacher import TeacherFn, load_teacher, sample_shape
-    from .teacher_service import actor_names, start_teacher
-
-    t_start = time.time()
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
@@ -282,6 +266,19 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
     segments = Segments.from_config(cfg.segments, scheduler.config.num_train_timesteps)
     if tracker is not None:
         tracker.set_boundaries(list(segments.boundaries))
+    return out, teacher, scheduler, shape, segments
+
+
+def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
+    """The Ray part of :func:`run_distillation`: teacher actors, N concurrent TorchTrainers, assembly."""
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    from .teacher import TeacherFn
+    from .teacher_service import actor_names, start_teacher
+
+    t_start = time.time()
+    out, teacher, scheduler, shape, segments = _prepare_run(cfg, out, tracker)
     phases = {"load_s": time.time() - t_start}
     started_ray, address = _init_ray(cfg)
     if tracker is not None:
@@ -442,18 +439,11 @@ def _run_local(cfg: Config, out, progress: bool, tracker) -> dict:
     from .distill import run_segment
     from .data import build_dataset
     from .students import build_students
-    from .teacher import TeacherFn, load_teacher, sample_shape
+    from .teacher import TeacherFn
     from .teacher_service import LocalTeacher
 
     t_start = time.time()
-    out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json())
-    teacher, scheduler = load_teacher(cfg.teacher)
-    shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
-    segments = Segments.from_config(cfg.segments, scheduler.config.num_train_timesteps)
-    if tracker is not None:
-        tracker.set_boundaries(list(segments.boundaries))
+    out, teacher, scheduler, shape, segments = _prepare_run(cfg, out, tracker)
     fn = TeacherFn(teacher, cfg.kd.feature_blocks)
     channels = fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {}
     lt = LocalTeacher(fn)

@@ -19,15 +19,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(1)
 
 
-def tiny_unet(in_channels: int = 1, sample_size: int = 8, seed: int = 0):
+def tiny_unet(in_channels: int = 1, sample_size: int = 8, seed: int = 0, **kw):
+    """The tiny test UNet (diffusers' test shape), in eval mode: from_pretrained returns eval-mode models and
+    attention differs in the last bits between modes."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
         block_out_channels=(4, 8), norm_num_groups=2, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
-    )
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, **kw,
+    ).eval()
 
 
 def save_tiny_teacher(path: Path, in_channels: int = 1, sample_size: int = 8) -> Path:

@@ -18,23 +18,14 @@ from o2mkd_ray.kd import (
 )
 from o2mkd_ray.students import build_student
 
+from conftest import tiny_unet
+
 BLOCKS = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=4,
-    ).eval()
+    return tiny_unet(in_channels=3, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -23,23 +23,13 @@ from diffusers import (
 
 from o2mkd_ray import MultiStudentUNet, O2MKDPipeline, Segments
 
+import conftest
+
 BOUNDS = (0, 300, 700, 1000)
 
 
 def tiny_unet(seed: int, **kw) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=4,
-        **kw,
-    ).eval()  # eval: from_pretrained returns eval-mode models, and attention differs in the last bits by mode
+    return conftest.tiny_unet(in_channels=3, seed=seed, **kw)
 
 
 @pytest.fixture(scope="module")

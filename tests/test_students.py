@@ -15,6 +15,8 @@ from o2mkd_ray.students import (
     student_config,
 )
 
+from conftest import tiny_unet
+
 # google/ddpm-cifar10-32's UNet config (35.7M parameters), written out so the test needs no download
 CIFAR = {
     "sample_size": 32,
@@ -40,18 +42,7 @@ CIFAR = {
 
 
 def tiny_teacher() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=4,
-    ).eval()
+    return tiny_unet(in_channels=3, seed=0)
 
 
 @pytest.fixture(scope="module")
