@@ -131,6 +131,7 @@ class MlflowConfig:
     tracking_uri: str | None = None
     experiment: str = "o2mkd"
     log_pipeline: bool = True
+    timeout_s: float = 5.0  # per HTTP request to the tracking server; a call gives up after 2x this (then warns)
 
 
 @dataclass
@@ -455,6 +456,7 @@ def validate(cfg: Config) -> None:
             if v is not None:
                 _positive(f"ray.segment_overrides.{key}.{name}", v, strict=name == "num_workers")
 
+    _positive("mlflow.timeout_s", cfg.mlflow.timeout_s)
     _positive("eval.num_images", cfg.eval.num_images)
     _positive("eval.steps", cfg.eval.steps)
     _check_debug(cfg.debug)

@@ -214,7 +214,8 @@ def _tracked(cfg: Config, out, engine: str, tracker, parent_run_id, body) -> dic
     if own:
         from .tracking import RunTracker, resolve_tracking_uri
 
-        tracker = RunTracker(resolve_tracking_uri(cfg, out), parent_run_id=parent_run_id)
+        tracker = RunTracker(resolve_tracking_uri(cfg, out), parent_run_id=parent_run_id,
+                             http_timeout_s=cfg.mlflow.timeout_s, max_call_s=2 * cfg.mlflow.timeout_s)
         tracker.start(cfg, out, tags={"o2mkd.engine": engine})
     try:
         report = body(tracker)

@@ -46,6 +46,7 @@ def ray_run(ray_local, tiny_teacher_dir, mlflow_url, tmp_path_factory):
 
     cfg = config.load(ROOT / "pipelines" / "tiny.yaml", [
         f"teacher.pretrained={tiny_teacher_dir}", f"mlflow.tracking_uri={mlflow_url}", "mlflow.experiment=engine",
+        "mlflow.timeout_s=30",  # a busy 2-core CI machine can make the one-worker server slow to answer
         "train.steps=60", "train.checkpoint_every=20", "eval.num_images=8", "eval.steps=4"])
     out = tmp_path_factory.mktemp("engine") / "run"
     seen: list[tuple[int, int]] = []
@@ -152,7 +153,7 @@ def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
     """`ray start --head` on free ports in a temp dir, the real `ray job submit` CLI, SUCCEEDED, outputs; then
     stop that cluster only (the blocking head process group, not `ray stop`)."""
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc, rt_env = (_free_port() for _ in range(5))
     tmp = Path(f"/tmp/o2r-head-{os.getpid()}")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -160,7 +161,10 @@ def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={tmp}", "--disable-usage-stats",
-         "--include-dashboard=true"],
+         "--include-dashboard=true",
+         # the agent's default port 52365 is taken while another local Ray (the module's fixture) runs
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={rt_env}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
     out = tmp_path / "job_out"
     try:
