@@ -47,6 +47,14 @@ def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x[:, :channels]
 
 
+def _pil_to_x0(im, resolution: int, channels: int, value_range) -> torch.Tensor:
+    """A PIL image → ``(C, H, W)`` float tensor at ``resolution`` in ``value_range``."""
+    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr)
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+    return _to_range(_match_channels(_resize(x[None], resolution), channels)[0], list(value_range))
+
+
 def digits_dataset(resolution: int = 16, channels: int = 1, value_range=(-1.0, 1.0)) -> TensorDataset:
     """scikit-learn's bundled digits, upsampled. Returns a TensorDataset of ``(C, H, W)`` float tensors."""
     from sklearn.datasets import load_digits
@@ -72,12 +80,7 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-        x = _match_channels(_resize(x[None], self.resolution), self.channels)[0]
-        return (_to_range(x, self.value_range),)
+            return (_pil_to_x0(im, self.resolution, self.channels, self.value_range),)
 
 
 class _Wrapped(Dataset):
@@ -93,12 +96,7 @@ class _Wrapped(Dataset):
     def __getitem__(self, i: int):
         item = self.base[i]
         im = item[self.key] if self.key is not None else (item[0] if isinstance(item, (tuple, list)) else item)
-        im = im.convert("L" if self.channels == 1 else "RGB")
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        x = _match_channels(_resize(x[None], self.resolution), self.channels)[0]
-        return (_to_range(x, self.value_range),)
+        return (_pil_to_x0(im, self.resolution, self.channels, self.value_range),)
 
 
 def check_data(d: DataConfig, strict: bool = True) -> list[str]:
