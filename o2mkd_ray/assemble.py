@@ -34,10 +34,16 @@ def make_scheduler(name: str, base_config):
 
 
 def load_student(checkpoint_dir: str | Path, use_ema: bool = True) -> nn.Module:
-    """The (EMA) student saved in a segment checkpoint folder."""
-    from diffusers import UNet2DModel
+    """The (EMA) student saved in a segment checkpoint folder (a UNet2DModel or UNet2DConditionModel)."""
+    import json
 
-    return UNet2DModel.from_pretrained(Path(checkpoint_dir) / ("ema" if use_ema else "student"))
+    import diffusers
+
+    d = Path(checkpoint_dir) / ("ema" if use_ema else "student")
+    cls = json.loads((d / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if cls not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ConfigError(f"checkpoint {str(d)!r} holds a {cls}; expected a UNet2DModel or UNet2DConditionModel")
+    return getattr(diffusers, cls).from_pretrained(d)
 
 
 def build_pipeline(students: list[nn.Module], boundaries, scheduler, value_range):
@@ -109,10 +115,74 @@ def save_grid(rows: list[np.ndarray], labels: list[str], path: str | Path, title
     return path
 
 
-def costs(model: nn.Module, shape) -> dict:
+def costs(model: nn.Module, shape, seq_len: int = 77) -> dict:
+    """Parameters and MACs of one forward at batch 1; a text-conditioned UNet sees ``seq_len`` text tokens."""
+    from .kd import dummy_cond
     from .students import count_macs, count_params
 
-    return {"params": int(count_params(model)), "macs": int(count_macs(model, (1, *shape)))}
+    cond = dummy_cond(model, 1, seq_len)
+    kw = {} if cond is None else {"encoder_hidden_states": cond}
+    return {"params": int(count_params(model)), "macs": int(count_macs(model, (1, *shape), **kw))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# text-to-image (Stable Diffusion teachers)
+
+
+def teacher_sd_pipeline(cfg: Config, unet: nn.Module | None = None):
+    """The teacher as a diffusers ``StableDiffusionPipeline`` (its already loaded UNet reused when given)."""
+    from diffusers import StableDiffusionPipeline
+
+    kw = {"unet": unet} if unet is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.teacher.pretrained, safety_checker=None,
+                                                   requires_safety_checker=False, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd_pipeline(students: list[nn.Module], boundaries, teacher_pipe, scheduler_name: str):
+    """``O2MKDStableDiffusionPipeline``: the students routed by timestep, the teacher's VAE/text encoder/tokenizer,
+    a sampling scheduler on the teacher's own scheduler config."""
+    from .multi_unet import MultiStudentUNet
+    from .sd_pipeline import O2MKDStableDiffusionPipeline
+
+    multi = MultiStudentUNet(students, boundaries=list(boundaries))
+    sampler = make_scheduler(scheduler_name, teacher_pipe.scheduler.config)
+    return O2MKDStableDiffusionPipeline.from_teacher(teacher_pipe, multi, scheduler=sampler)
+
+
+def sampling_prompts(cfg: Config) -> list[str]:
+    """``sampling.prompts``, else the first ``sampling.num_images`` captions of the data."""
+    if cfg.sampling.prompts:
+        return list(cfg.sampling.prompts)
+    from .data import read_captions
+
+    return read_captions(cfg.data)["caption"].head(cfg.sampling.num_images).tolist()
+
+
+@torch.no_grad()
+def sd_images(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: int,
+              negative_prompt: str | None = None) -> np.ndarray:
+    """``(N, H, W, 3)`` in [0, 1]: image i from ``torch.Generator().manual_seed(seed + i)`` (same noise per prompt
+    for teacher and students, whatever the batch)."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                output_type="np").images
+
+
+def write_sd_samples(cfg: Config, teacher_pipe, pipe, prompts: list[str], path) -> dict:
+    """``samples.png`` of a text-to-image run: teacher (top) and students (bottom), same prompts, noise, guidance."""
+    sm = cfg.sampling
+    pipe.set_progress_bar_config(disable=True)
+    teacher_pipe.scheduler = make_scheduler(sm.scheduler, teacher_pipe.scheduler.config)
+    t_img = sd_images(teacher_pipe, prompts, sm.steps, sm.guidance_scale, sm.seed, sm.negative_prompt)
+    s_img = sd_images(pipe, prompts, sm.steps, sm.guidance_scale, sm.seed, sm.negative_prompt)
+    mse = float(np.mean((t_img - s_img) ** 2))
+    save_grid([t_img, s_img], ["teacher", f"O2MKD students (N={pipe.unet.num_students})"], path,
+              title=f"{sm.scheduler} {sm.steps} steps, guidance {sm.guidance_scale}, same noise; pixel MSE {mse:.4f}")
+    return {"scheduler": sm.scheduler, "steps": sm.steps, "num_images": len(prompts), "prompts": prompts,
+            "guidance_scale": sm.guidance_scale, "pixel_mse_vs_teacher": mse}
 
 
 def write_samples(cfg: Config, teacher_model: nn.Module, pipe, teacher_scheduler_config, shape, path) -> dict:

@@ -26,7 +26,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    pretrained: str | None = None  # diffusers model id or local folder (UNet2DModel + scheduler)
+    pretrained: str | None = None  # diffusers model id or local folder (UNet2DModel, or a Stable Diffusion folder)
+    # unet: an unconditional UNet2DModel; stable_diffusion: a text-to-image SD folder/id (UNet2DConditionModel +
+    # vae/ text_encoder/ tokenizer/ scheduler/); auto: read it from a local folder (hub ids need it set)
+    kind: Literal["auto", "unet", "stable_diffusion"] = "auto"
     subfolder: str | None = None  # e.g. "unet" when the folder is a whole pipeline
     factory: str | None = None  # "module:function" -> (model, scheduler)
     mode: Literal["actor", "local"] = "actor"
@@ -53,6 +56,7 @@ class StudentsConfig:
     layers_per_block: int | list[int] | None = None
     unet: dict | None = None  # explicit UNet2DModel config (teachers that are not UNet2DModel)
     init: Literal["teacher", "scratch"] = "teacher"
+    drop_mid_block: bool = False  # BK-SDM-Small style: no mid block (conditional UNets)
 
 
 @dataclass
@@ -66,11 +70,18 @@ class KDConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["digits", "image_folder", "torchvision", "hf"] = "digits"
+    kind: Literal["digits", "image_folder", "torchvision", "hf", "prompts"] = "digits"
     name: str | None = None  # torchvision class (CIFAR10, MNIST, ...) or HF dataset id
-    path: str | None = None  # image folder, or torchvision/HF download root
+    path: str | None = None  # image folder, torchvision/HF download root, or a prompts file (.txt/.csv/.parquet/.json)
     split: str = "train"
-    image_key: str = "image"  # HF datasets column
+    image_key: str = "image"  # HF datasets column (prompts: optional image column / file-path column)
+    # prompts (Stable Diffusion teachers): captions, optional images; embeddings/latents are cached once
+    caption_key: str = "caption"  # caption column of a CSV/parquet/HF dataset
+    image_root: str | None = None  # folder that relative image paths (CSV column, COCO json file_name) live in
+    max_prompts: int | None = None  # first N captions (e.g. 30000 for COCO30K)
+    uncond_prob: float = 0.1  # share of training samples conditioned on the empty prompt (for guidance)
+    synth_steps: int = 20  # prompts without images: x_0 latents are sampled once by the teacher, this many steps
+    synth_guidance: float = 7.5
     resolution: int = 16
     channels: int = 1
     value_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])
@@ -101,6 +112,9 @@ class SamplingConfig:
     num_images: int = 16
     eta: float = 0.0
     seed: int = 0
+    guidance_scale: float = 7.5  # text-to-image: classifier-free guidance
+    prompts: list[str] | None = None  # text-to-image: prompts of samples.png (default: the first data captions)
+    negative_prompt: str | None = None
 
 
 @dataclass
@@ -140,6 +154,7 @@ class EvalConfig:
     num_images: int = 16
     steps: int = 20
     fid_weights: str | None = None  # local Inception weights for FID; else a labelled fallback feature space
+    clip_model: str | None = None  # text-to-image: a local CLIP folder (CLIPModel + processor) for CLIP score
 
 
 @dataclass
@@ -416,6 +431,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.channels: must be 1, 3 or 4, got {d.channels}")
     if len(d.value_range) != 2 or not d.value_range[0] < d.value_range[1]:
         raise ConfigError(f"data.value_range: expected [low, high] with low < high, got {d.value_range}")
+    if not 0 <= d.uncond_prob < 1:
+        raise ConfigError(f"data.uncond_prob: must be in [0, 1), got {d.uncond_prob}")
+    _positive("data.synth_steps", d.synth_steps)
+    _positive("data.synth_guidance", d.synth_guidance, strict=False)
+    if d.max_prompts is not None:
+        _positive("data.max_prompts", d.max_prompts)
+    check_kinds(t.kind, d.kind)
 
     tr = cfg.train
     for name in ("steps", "batch_size", "checkpoint_every"):
@@ -432,6 +454,9 @@ def validate(cfg: Config) -> None:
     sm = cfg.sampling
     _positive("sampling.steps", sm.steps)
     _positive("sampling.num_images", sm.num_images)
+    _positive("sampling.guidance_scale", sm.guidance_scale, strict=False)
+    if sm.prompts is not None and not sm.prompts:
+        raise ConfigError("sampling.prompts: give at least one prompt, or remove it to use the data's captions")
     if not 0 <= sm.eta <= 1:
         raise ConfigError(f"sampling.eta: must be in [0, 1], got {sm.eta}")
 
@@ -470,6 +495,16 @@ def validate(cfg: Config) -> None:
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ConfigError(f"kd.feature_method: unknown {k.feature_method!r}; {hint}registered: "
                           f"{', '.join(sorted(KD_METHODS))} (add one with o2mkd_ray.kd.register_kd)")
+
+
+def check_kinds(teacher_kind: str, data_kind: str) -> None:
+    """A Stable Diffusion teacher distils on prompts (data.kind=prompts), an unconditional one on images."""
+    if teacher_kind == "stable_diffusion" and data_kind != "prompts":
+        raise ConfigError(f"data.kind: a Stable Diffusion teacher distils on captions; set data.kind=prompts (got "
+                          f"{data_kind!r}) with data.path or data.name")
+    if teacher_kind == "unet" and data_kind == "prompts":
+        raise ConfigError("data.kind: prompts need a text-conditioned teacher; set teacher.kind=stable_diffusion "
+                          "and teacher.pretrained to a Stable Diffusion folder or id")
 
 
 def check_scheduler_name(name: str, key: str) -> None:

@@ -8,11 +8,16 @@ Kinds:
   * ``image_folder``: any tree of PNG/JPEG files under ``data.path``.
   * ``torchvision``: a torchvision dataset class by name (``CIFAR10``, ``MNIST``, ...) rooted at ``data.path``.
   * ``hf``: a Hugging Face dataset by name (``datasets`` must be installed), column ``data.image_key``.
+  * ``prompts`` (Stable Diffusion teachers): captions from a text file (one per line), a CSV/parquet column
+    (``data.caption_key``), a COCO captions JSON (``captions_train2014.json``), or an HF dataset (``data.name``);
+    optionally with images (a path column / COCO ``file_name`` under ``data.image_root``, or an HF image column).
+    :func:`read_captions` reads them; ``o2mkd_ray.sd`` turns them into cached text embeddings and VAE latents.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ from torch.utils.data import Dataset, TensorDataset
 from .config import ConfigError, DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+PROMPT_SUFFIXES = {".txt", ".csv", ".parquet", ".json"}
 
 
 def _to_range(x01: torch.Tensor, value_range: list[float]) -> torch.Tensor:
@@ -128,12 +134,134 @@ def check_data(d: DataConfig, strict: bool = True) -> list[str]:
                                   "FashionMNIST)")
         if d.split not in ("train", "test"):
             raise ConfigError(f"data.split: torchvision datasets take 'train' or 'test', got {d.split!r}")
-    elif d.kind == "hf":
+    elif d.kind == "hf" or (d.kind == "prompts" and not d.path):
+        if d.kind == "prompts" and not d.name:
+            raise ConfigError("data.path: data.kind=prompts needs a prompts file (data.path: .txt/.csv/.parquet/COCO "
+                              ".json) or an HF dataset of captions (data.name)")
         if importlib.util.find_spec("datasets") is None:
-            warns.append("data.kind=hf: the 'datasets' package is not installed; pip install datasets")
+            warns.append(f"data.kind={d.kind}: the 'datasets' package is not installed; pip install datasets")
+    elif d.kind == "prompts":
+        _check_prompts_file(d)
     if warns and strict:
         raise ConfigError(warns[0])
     return warns
+
+
+def _check_prompts_file(d: DataConfig) -> None:
+    """The prompts file exists, has a known format and the caption column; a given image_root exists."""
+    path = Path(d.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path: prompts file {str(path)!r} does not exist; give a .txt (one prompt per line), "
+                          ".csv/.parquet (column data.caption_key) or COCO captions .json")
+    if path.suffix.lower() not in PROMPT_SUFFIXES:
+        raise ConfigError(f"data.path: {str(path)!r} has an unknown prompts format; use "
+                          f"{', '.join(sorted(PROMPT_SUFFIXES))}")
+    if d.image_root is not None and not Path(d.image_root).is_dir():
+        raise ConfigError(f"data.image_root: folder {d.image_root!r} does not exist; point it at the images the "
+                          "prompts file names (or remove it to distil from prompts only)")
+    if path.suffix.lower() in (".csv", ".parquet"):
+        cols = _table_columns(path)
+        if d.caption_key not in cols:
+            raise ConfigError(f"data.caption_key: column {d.caption_key!r} not in {str(path)!r} (columns: "
+                              f"{', '.join(map(str, cols))}); set data.caption_key")
+    df = read_captions(d)
+    if df.empty:
+        raise ConfigError(f"data.path: {str(path)!r} holds no prompts; add captions or fix the file")
+    if "image" in df and isinstance(df["image"].iloc[0], str):
+        first = Path(df["image"].iloc[0])
+        if not first.is_file():
+            raise ConfigError(f"data.image_root: image {str(first)!r} named by {str(path)!r} does not exist; fix "
+                              "data.image_root")
+        _check_image(first)
+
+
+def _table_columns(path: Path) -> list[str]:
+    import pandas as pd
+
+    try:
+        if path.suffix.lower() == ".csv":
+            return list(pd.read_csv(path, nrows=0).columns)
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise ConfigError(f"data.path: cannot read {str(path)!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                          "fix or re-export the file") from None
+
+
+def read_captions(d: DataConfig):
+    """Captions (and optional images) of a ``prompts`` data config.
+
+    Returns:
+        A pandas DataFrame with a ``caption`` column (str) and, when images are available, an ``image`` column
+        (a file path, or a PIL image for HF datasets); the first ``data.max_prompts`` rows.
+    """
+    import pandas as pd
+
+    n = d.max_prompts
+    if d.path:
+        path = Path(d.path)
+        root = Path(d.image_root) if d.image_root else None
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            df = pd.DataFrame({"caption": [ln for ln in lines if ln]})
+        elif suffix in (".csv", ".parquet"):
+            raw = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+            if d.caption_key not in raw:
+                raise ConfigError(f"data.caption_key: column {d.caption_key!r} not in {str(path)!r}; set data.caption_key")
+            df = pd.DataFrame({"caption": raw[d.caption_key].astype(str)})
+            if d.image_key in raw:
+                base = root or path.parent
+                df["image"] = [str(base / p) for p in raw[d.image_key].astype(str)]
+        elif suffix == ".json":
+            df = _coco_captions(path, root)
+        else:
+            raise ConfigError(f"data.path: {str(path)!r} has an unknown prompts format; use "
+                              f"{', '.join(sorted(PROMPT_SUFFIXES))}")
+    else:
+        import datasets as hfd
+
+        base = hfd.load_dataset(d.name, split=d.split, cache_dir=None)
+        if n is not None:
+            base = base.select(range(min(n, len(base))))
+        caps = base[d.caption_key]
+        df = pd.DataFrame({"caption": [c[0] if isinstance(c, (list, tuple)) else str(c) for c in caps]})
+        if d.image_key in base.column_names:
+            df["image"] = list(base[d.image_key])
+    df = df[df["caption"].str.strip() != ""].reset_index(drop=True)
+    return df.head(n) if n is not None else df
+
+
+def _coco_captions(path: Path, root: Path | None):
+    """COCO captions JSON (``{"images": [{id, file_name}], "annotations": [{image_id, caption}]}``): one row per
+    caption, in file order; images only when ``root`` is given."""
+    import pandas as pd
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ann = data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ConfigError(f"data.path: {str(path)!r} is not a COCO captions file (expected 'annotations' with "
+                          "'caption' fields); use a .txt/.csv/.parquet of prompts instead") from None
+    df = pd.DataFrame({"caption": [str(a.get("caption", "")).strip() for a in ann]})
+    if root is not None:
+        files = {im["id"]: im["file_name"] for im in data.get("images", [])}
+        df["image"] = [str(root / files[a["image_id"]]) if a.get("image_id") in files else None for a in ann]
+        if df["image"].isna().any():
+            raise ConfigError(f"data.path: some captions in {str(path)!r} name an image_id missing from 'images'; "
+                              "use the matching captions file")
+    return df
+
+
+def load_caption_image(item, resolution: int) -> torch.Tensor:
+    """An image (path or PIL) as ``(3, H, W)`` in [-1, 1] at ``resolution`` (the VAE's input range)."""
+    from PIL import Image
+
+    if isinstance(item, (str, Path)):
+        with Image.open(item) as im:
+            return _pil_to_x0(im, resolution, 3, (-1.0, 1.0))
+    return _pil_to_x0(item, resolution, 3, (-1.0, 1.0))
 
 
 def _check_image(path: Path) -> None:
@@ -149,6 +277,9 @@ def _check_image(path: Path) -> None:
 
 def build_dataset(d: DataConfig) -> Dataset:
     """Builds the dataset named by the config. Items are 1-tuples ``(x_0,)`` with ``x_0: (C, H, W)``."""
+    if d.kind == "prompts":
+        raise ConfigError("data.kind=prompts: prompt datasets are built from the teacher's text encoder and VAE "
+                          "(o2mkd_ray.sd.build_cond_data), which needs a Stable Diffusion teacher")
     check_data(d)
     if d.kind == "digits":
         return digits_dataset(d.resolution, d.channels, d.value_range)

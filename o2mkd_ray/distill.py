@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import Config
 from .data import random_flip
-from .kd import FeatureHooks, KDLoss, probe_feature_channels
+from .kd import FeatureHooks, KDLoss, hookable_blocks, probe_feature_channels
 from .segments import Segments
 
 TeacherCallable = Callable[..., tuple[torch.Tensor, dict | None]]
@@ -42,12 +42,16 @@ class SegmentDistiller:
         teacher_channels: channels of the teacher's hooked blocks (``{}`` / None: no feature KD).
         wrap: optional wrapper for the training forward (Ray's ``prepare_model`` → DDP).
         rank: data-parallel rank (seeds differ per rank).
+        uncond: text-conditioned students: the empty prompt's embedding ``(1, L, D)``; each sample's condition is
+            replaced by it with probability ``data.uncond_prob`` (:meth:`make_cond`), so the student learns the
+            unconditional branch classifier-free guidance needs.
     """
 
     def __init__(self, cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module,
                  teacher_channels: dict[str, int] | None, wrap: Callable[[nn.Module], nn.Module] | None = None,
-                 rank: int = 0, device: torch.device | str = "cpu"):
+                 rank: int = 0, device: torch.device | str = "cpu", uncond: torch.Tensor | None = None):
         self.cfg, self.k, self.segments, self.scheduler = cfg, k, segments, scheduler
+        self.uncond = uncond
         self.device = torch.device(device)
         self.student = student.to(self.device)
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
@@ -57,7 +61,9 @@ class SegmentDistiller:
         self.shape = shape
         student_channels = None
         if cfg.kd.lambda_feat > 0 and teacher_channels:
-            blocks = [b for b in (cfg.kd.feature_blocks or list(teacher_channels)) if b in teacher_channels]
+            # blocks both have (a BK-SDM student without a mid block skips the teacher's mid_block)
+            mine = set(hookable_blocks(self.student))
+            blocks = [b for b in (cfg.kd.feature_blocks or list(teacher_channels)) if b in teacher_channels and b in mine]
             student_channels = probe_feature_channels(self.student, (1, *shape), blocks)
         self.kd = KDLoss(cfg.kd, student_channels, teacher_channels or None).to(self.device)
         self.blocks = list(self.kd.blocks) if self.kd.uses_features else []
@@ -87,16 +93,24 @@ class SegmentDistiller:
         x_t = self.scheduler.add_noise(x_0, eps, t)
         return x_t, t, eps
 
-    def _forward(self, model: nn.Module, x_t, t):
-        out = model(x_t.to(self.device), t.to(self.device))
+    def make_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None):
+        """Text embeddings ``(B, L, D)`` with each row swapped for the empty prompt's with prob ``data.uncond_prob``."""
+        if cond is None or self.uncond is None or self.cfg.data.uncond_prob <= 0:
+            return cond
+        drop = torch.rand(cond.shape[0], generator=generator or self.gen) < self.cfg.data.uncond_prob  # (B,)
+        return torch.where(drop.view(-1, 1, 1), self.uncond.to(cond.dtype).expand_as(cond), cond)
+
+    def _forward(self, model: nn.Module, x_t, t, cond=None):
+        kw = {} if cond is None else {"encoder_hidden_states": cond.to(self.device)}
+        out = model(x_t.to(self.device), t.to(self.device), **kw)
         return out.sample if hasattr(out, "sample") else out
 
-    def train_step(self, x_t, t, eps, eps_T, feats_T=None) -> dict[str, float]:
-        """One AdamW step on the KD loss; returns the loss terms, lr and grad norm."""
+    def train_step(self, x_t, t, eps, eps_T, feats_T=None, cond=None) -> dict[str, float]:
+        """One AdamW step on the KD loss; returns the loss terms, lr and grad norm. ``cond``: ``(B, L, D)`` or None."""
         self.model.train()
         if self.hooks is not None:
             self.hooks.clear()
-        eps_S = self._forward(self.model, x_t, t)  # (B, C, H, W)
+        eps_S = self._forward(self.model, x_t, t, cond)  # (B, C, H, W)
         feats_S = self.hooks.features if self.hooks is not None else None
         loss, terms = self.kd(eps_S, eps_T.to(self.device), eps.to(self.device), feats_S,
                               {k: v.to(self.device) for k, v in feats_T.items()} if feats_T else None)
@@ -119,12 +133,13 @@ class SegmentDistiller:
 
     @torch.no_grad()
     def val_loss(self, batches: list[tuple]) -> float:
-        """Output-KD MSE of the EMA student on fixed held-out ``(x_t, t, eps_T)`` batches (selects "best")."""
+        """Output-KD MSE of the EMA student on fixed held-out ``(x_t, t, eps_T[, cond])`` batches (selects "best")."""
         if not batches:
             return float("nan")
         tot = 0.0
-        for x_t, t, eps_T in batches:
-            tot += torch.mean((self._forward(self.ema, x_t, t) - eps_T.to(self.device)) ** 2).item()
+        for x_t, t, eps_T, *cond in batches:
+            eps_S = self._forward(self.ema, x_t, t, cond[0] if cond else None)
+            tot += torch.mean((eps_S - eps_T.to(self.device)) ** 2).item()
         return tot / len(batches)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -152,7 +167,7 @@ class SegmentDistiller:
 
         directory = Path(directory)
         manifest = verify_checkpoint(directory, self.cfg)  # also rejects a checkpoint of another config
-        cls = type(self.student) if hasattr(self.student, "from_pretrained") else UNet2DModel
+        cls = type(self.student) if hasattr(self.student, "from_pretrained") else UNet2DModel  # its own class
         self.student.load_state_dict(cls.from_pretrained(directory / "student").state_dict())
         self.ema.load_state_dict(cls.from_pretrained(directory / "ema").state_dict())
         state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
@@ -204,25 +219,29 @@ def verify_checkpoint(directory: str | Path, cfg: Config | None = None) -> dict:
 
 def fixed_val_batches(distiller: SegmentDistiller, dataset, teacher: TeacherCallable, n: int,
                       batch_size: int) -> list[tuple]:
-    """Held-out ``(x_t, t, eps_T)`` batches from a fixed generator, the same for every rank and every resume."""
+    """Held-out ``(x_t, t, eps_T)`` batches (``+ cond`` for text-conditioned data) from a fixed generator, the same
+    for every rank and every resume."""
     if n <= 0:
         return []
     g = torch.Generator().manual_seed(10_000 + distiller.k)
     out = []
     for _ in range(n):
         idx = torch.randint(0, len(dataset), (batch_size,), generator=g)
-        x_0 = torch.stack([dataset[int(i)][0] for i in idx])
+        items = [dataset[int(i)] for i in idx]
+        x_0 = torch.stack([it[0] for it in items])
+        cond = torch.stack([it[1] for it in items]) if len(items[0]) > 1 else None  # (B, L, D)
         t = distiller.segments.sample_t(distiller.k, batch_size, generator=g)
         eps = torch.randn(x_0.shape, generator=g)
         x_t = distiller.scheduler.add_noise(x_0, eps, t)
-        eps_T, _ = teacher(x_t, t, features=False)
-        out.append((x_t, t, eps_T))
+        eps_T, _ = teacher(x_t, t, features=False, **({} if cond is None else {"cond": cond}))
+        out.append((x_t, t, eps_T) if cond is None else (x_t, t, eps_T, cond))
     return out
 
 
 def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module, teacher: TeacherCallable,
                 teacher_channels: dict | None, dataset, ckpt_dir: str | Path | None = None,
-                on_report: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
+                on_report: Callable[[dict], None] | None = None, progress: bool = False,
+                uncond: torch.Tensor | None = None) -> dict:
     """The plain single-process training loop for segment k (no Ray).
 
     Args:
@@ -236,7 +255,7 @@ def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.
 
     from .data import infinite, make_loader
 
-    dist = SegmentDistiller(cfg, k, segments, scheduler, student, teacher_channels)
+    dist = SegmentDistiller(cfg, k, segments, scheduler, student, teacher_channels, uncond=uncond)
     loader = infinite(make_loader(dataset, cfg.train.batch_size, cfg.train.seed + k))
     val = fixed_val_batches(dist, dataset, teacher, cfg.train.val_batches, cfg.train.batch_size)
     started, history, recent = time.time(), [], []
@@ -244,10 +263,11 @@ def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.
     bar = tqdm(total=cfg.train.steps, desc=f"seg-{k:02d}", disable=not progress)
     while dist.step < cfg.train.steps:
         t0 = time.perf_counter()
-        (x_0,) = next(loader)
+        x_0, *rest = next(loader)
         x_t, t, eps = dist.make_inputs(x_0)
-        eps_T, feats_T = teacher(x_t, t, features=bool(dist.blocks))
-        terms = dist.train_step(x_t, t, eps, eps_T, feats_T)
+        cond = dist.make_cond(rest[0]) if rest else None  # (B, L, D) text embeddings, or None
+        eps_T, feats_T = teacher(x_t, t, features=bool(dist.blocks), **({} if cond is None else {"cond": cond}))
+        terms = dist.train_step(x_t, t, eps, eps_T, feats_T, cond)
         t_train += time.perf_counter() - t0
         recent.append(terms["loss"])
         bar.update(1)

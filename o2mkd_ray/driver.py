@@ -110,7 +110,8 @@ def _student_init(cfg: Config, teacher, n: int) -> list[dict]:
 
     out = []
     for s in build_students(cfg, teacher, n):
-        out.append({"config": {k: v for k, v in dict(s.config).items() if not k.startswith("_")},
+        out.append({"class": type(s).__name__,
+                    "config": {k: v for k, v in dict(s.config).items() if not k.startswith("_")},
                     "state": {k: v.detach().cpu().numpy() for k, v in s.state_dict().items()}})
     return out
 
@@ -293,6 +294,7 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
         local_fn = TeacherFn(teacher, cfg.kd.feature_blocks)
         teacher_channels = local_fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {}
         names = []
+        cond_ref = None
         if todo and cfg.teacher.mode == "actor":
             fault = None
             if cfg.debug.get("kill_teacher_after_requests"):
@@ -300,6 +302,11 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
                          "marker": cfg.debug.get("marker", str(out / ".teacher_killed"))}
             handles = start_teacher(cfg.teacher, run_id, list(teacher_channels) or None, fault)
             names = actor_names(run_id, cfg.teacher.replicas)
+        if todo and _is_sd(cfg):  # latents + text embeddings, once, shared by segments
+            from .teacher_service import TeacherClient
+
+            cond = _cond_data(cfg, out, teacher, scheduler, TeacherClient(names, client="synth") if names else None)
+            cond_ref = ray.put({k: v for k, v in cond.items() if k != "prompts"})
         inits = _student_init(cfg, teacher, segments.n)
         phases["teacher_service_s"] = time.time() - t_start - sum(phases.values())
         if not storage.startswith(("s3://", "gs://", "abfs://", "hdfs://")):
@@ -316,6 +323,7 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
                 "scheduler_config": dict(scheduler.config), "teacher_names": names,
                 "teacher_channels": teacher_channels, "feature_blocks": list(teacher_channels) or None,
                 "student_init": [ray.put(inits[k])],  # wrapped in a list: passed as a reference, fetched in the worker
+                "cond_data": [cond_ref] if cond_ref is not None else None,
                 "progress": [queue],  # plumbing, not config: never logged
             }
             t0 = time.time()
@@ -378,6 +386,24 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
                       extra={"engine": "ray", "ray_address": address, "phases": phases})
 
 
+def _is_sd(cfg: Config) -> bool:
+    from .teacher import teacher_kind
+
+    return teacher_kind(cfg.teacher) == "stable_diffusion"
+
+
+def _cond_data(cfg: Config, out: Path, teacher, scheduler, teacher_fn) -> dict:
+    """Text-to-image runs: cached caption latents + embeddings (OUT/cache), synthesised by ``teacher_fn`` if needed."""
+    from .sd import build_cond_data
+
+    t0 = time.time()
+    cond = build_cond_data(cfg, teacher, dict(scheduler.config), teacher=teacher_fn, cache_dir=out / "cache",
+                           log=lambda m: log.warning("%s", m))
+    log.warning("text-to-image data: %d captions, latents %s, embeddings %s (%.1f s)", len(cond["prompts"]),
+                tuple(cond["latents"].shape), tuple(cond["embeds"].shape), time.time() - t0)
+    return cond
+
+
 def _print_progress(cfg: Config):
     def show(k: int, m: dict) -> None:
         print(f"[seg-{k:02d}] step {int(m['step']):>6}/{cfg.train.steps}  loss {m['loss_avg']:.4f}  "
@@ -409,16 +435,27 @@ def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, s
 
     summaries = [_finished(out, k) for k in range(segments.n)]
     students = [load_student(out / "segments" / f"seg-{k:02d}", use_ema=True) for k in range(segments.n)]
-    sampler = make_scheduler(cfg.sampling.scheduler, scheduler.config)
-    pipe = build_pipeline(students, segments.boundaries, sampler, cfg.data.value_range)
+    seq_len = 77
+    if _is_sd(cfg):  # text-to-image: the students share the teacher's VAE, text encoder and tokenizer
+        from .assemble import build_sd_pipeline, sampling_prompts, teacher_sd_pipeline, write_sd_samples
+
+        teacher_pipe = teacher_sd_pipeline(cfg, teacher)
+        seq_len = teacher_pipe.tokenizer.model_max_length
+        pipe = build_sd_pipeline(students, segments.boundaries, teacher_pipe, cfg.sampling.scheduler)
+    else:
+        sampler = make_scheduler(cfg.sampling.scheduler, scheduler.config)
+        pipe = build_pipeline(students, segments.boundaries, sampler, cfg.data.value_range)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     seg_reports = []
     for k, (s, st) in enumerate(zip(summaries, students)):
-        seg_reports.append({**{key: v for key, v in s.items() if key != "history"}, **costs(st, shape)})
+        seg_reports.append({**{key: v for key, v in s.items() if key != "history"}, **costs(st, shape, seq_len)})
     t0 = time.time()
-    samples = write_samples(cfg, teacher, pipe, scheduler.config, shape, out / "samples.png")
+    if _is_sd(cfg):
+        samples = write_sd_samples(cfg, teacher_pipe, pipe, sampling_prompts(cfg), out / "samples.png")
+    else:
+        samples = write_samples(cfg, teacher, pipe, scheduler.config, shape, out / "samples.png")
     samples["wall_s"] = round(time.time() - t0, 2)
-    t_cost = costs(teacher, shape)
+    t_cost = costs(teacher, shape, seq_len)
     report = {
         "name": cfg.name, "out": str(out), "num_segments": segments.n, "boundaries": list(segments.boundaries),
         "segments": seg_reports, "teacher": {**teacher_stats, **t_cost}, "samples": samples,
@@ -448,14 +485,22 @@ def _run_local(cfg: Config, out, progress: bool, tracker) -> dict:
     fn = TeacherFn(teacher, cfg.kd.feature_blocks)
     channels = fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {}
     lt = LocalTeacher(fn)
-    dataset = build_dataset(cfg.data)
+    uncond = None
+    if _is_sd(cfg):
+        from .sd import cond_dataset
+
+        cond = _cond_data(cfg, out, teacher, scheduler, lt)
+        dataset, uncond = cond_dataset(cond), torch.from_numpy(cond["uncond"].copy())
+    else:
+        dataset = build_dataset(cfg.data)
     students = build_students(cfg, teacher, segments.n)
     for k in range(segments.n):
         if _finished(out, k) is not None:
             continue
         ckdir = out / "local" / f"seg-{k:02d}"
         res = run_segment(cfg, k, segments, scheduler, students[k], lt, channels, dataset, ckpt_dir=ckdir,
-                          progress=progress, on_report=(lambda m, k=k: tracker.on_progress(k, m)) if tracker else None)
+                          progress=progress, on_report=(lambda m, k=k: tracker.on_progress(k, m)) if tracker else None,
+                          uncond=uncond)
         last = sorted(ckdir.glob("checkpoint_*"))[-1]
         summary = {"index": k, "boundaries": list(segments.range(k)), "started_at": res["started_at"],
                    "finished_at": res["finished_at"], "steps": res["steps"], "resumed_from": 0,

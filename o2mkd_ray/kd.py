@@ -119,8 +119,20 @@ class FeatureHooks:
         self.remove()
 
 
+def dummy_cond(model: nn.Module, batch: int = 1, seq_len: int = 1) -> Tensor | None:
+    """Zero text embeddings ``(batch, seq_len, cross_attention_dim)`` for probing a conditional UNet; None for an
+    unconditional one. Feature shapes do not depend on ``seq_len``."""
+    cfg = getattr(model, "config", None)
+    dim = cfg.get("cross_attention_dim") if hasattr(cfg, "get") else None
+    if not dim:
+        return None
+    p = next(model.parameters())
+    return torch.zeros(batch, seq_len, int(dim), device=p.device, dtype=p.dtype)
+
+
 def _call(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-    out = model(x_t, t)
+    cond = dummy_cond(model, x_t.shape[0])
+    out = model(x_t, t) if cond is None else model(x_t, t, encoder_hidden_states=cond)
     return getattr(out, "sample", out[0] if isinstance(out, tuple) else out)
 
 

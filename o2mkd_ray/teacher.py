@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, TeacherConfig
-from .kd import FeatureHooks, hookable_blocks
+from .kd import FeatureHooks, dummy_cond, hookable_blocks
 
 EMBEDDED_TEACHER = Path(__file__).parent / "assets" / "digits_teacher"
 
@@ -36,10 +36,34 @@ def _load_scheduler(path: str, subfolder: str | None):
     raise ConfigError(f"teacher.pretrained: no scheduler config found in {path!r} (expected scheduler/scheduler_config.json)")
 
 
-def _load_pretrained(spec: str, subfolder: str | None):
-    from diffusers import UNet2DModel
+def teacher_kind(tcfg: TeacherConfig) -> str:
+    """``"unet"`` or ``"stable_diffusion"``: ``teacher.kind``, or read from a local folder when it is ``auto``."""
+    if tcfg.kind != "auto":
+        return tcfg.kind
+    if tcfg.factory:
+        return "unet"
+    from .sd import is_sd_folder
 
+    spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
+    return "stable_diffusion" if _looks_local(spec) and is_sd_folder(spec) else "unet"
+
+
+def _unet_class(spec: str, subfolder: str | None, kind: str):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if kind == "stable_diffusion":
+        return UNet2DConditionModel
+    if _looks_local(spec):
+        f = Path(spec).expanduser() / (subfolder or "") / "config.json"
+        if f.is_file() and _read_json(f, "teacher.pretrained").get("_class_name") == "UNet2DConditionModel":
+            return UNet2DConditionModel
+    return UNet2DModel
+
+
+def _load_pretrained(spec: str, subfolder: str | None, kind: str = "unet"):
     local = _looks_local(spec)
+    if kind == "stable_diffusion" and subfolder is None:
+        subfolder = "unet"
     if local:
         p = Path(spec).expanduser()
         if not p.is_dir():
@@ -51,7 +75,7 @@ def _load_pretrained(spec: str, subfolder: str | None):
         if not cfg_file.is_file():
             raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} not found; is {spec!r} a diffusers UNet folder?")
     try:
-        model = UNet2DModel.from_pretrained(spec, subfolder=subfolder, use_safetensors=None)
+        model = _unet_class(spec, subfolder, kind).from_pretrained(spec, subfolder=subfolder, use_safetensors=None)
     except (OSError, EnvironmentError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local else " (offline? download it and point teacher.pretrained at the local folder)"
@@ -90,7 +114,8 @@ def load_teacher(tcfg: TeacherConfig):
     if tcfg.factory:
         model, scheduler = _load_factory(tcfg.factory)
     else:
-        model, scheduler = _load_pretrained(tcfg.pretrained or str(EMBEDDED_TEACHER), tcfg.subfolder)
+        model, scheduler = _load_pretrained(tcfg.pretrained or str(EMBEDDED_TEACHER), tcfg.subfolder,
+                                            teacher_kind(tcfg))
     pred = getattr(scheduler.config, "prediction_type", "epsilon")
     if pred != "epsilon":
         raise ConfigError(f"teacher: prediction_type {pred!r} is not supported yet; O2MKD here distils ε-prediction")
@@ -123,19 +148,32 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
         return
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
     if not _looks_local(spec):
+        if tcfg.kind == "auto":
+            raise ConfigError(f"teacher.kind: cannot tell what the hub model {spec!r} is before downloading it; set "
+                              "teacher.kind to unet or stable_diffusion")
         return  # a hub id: checked when it is downloaded (no network access in preflight)
     p = Path(spec).expanduser()
     if not p.is_dir():
         raise ConfigError(f"teacher.pretrained: folder {spec!r} does not exist; give a diffusers model folder or hub id")
+    kind = teacher_kind(tcfg)
+    if data is not None:
+        from .config import check_kinds
+
+        check_kinds(kind, data.kind)
+    if kind == "stable_diffusion":
+        from .sd import check_sd_folder
+
+        check_sd_folder(p)
     sub = tcfg.subfolder or ("unet" if (p / "unet").is_dir() else "")
     cfg_file = p / sub / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} not found; is {spec!r} a diffusers UNet folder?")
     ucfg = _read_json(cfg_file, "teacher.pretrained")
     cls = ucfg.get("_class_name", "UNet2DModel")
-    if cls != "UNet2DModel":
-        raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} describes a {cls}; folders must hold a diffusers "
-                          "UNet2DModel (wrap other models in teacher.factory='module:function')")
+    want = "UNet2DConditionModel" if kind == "stable_diffusion" else "UNet2DModel"
+    if cls != want:
+        raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} describes a {cls}; a {kind} teacher folder must "
+                          f"hold a diffusers {want} (wrap other models in teacher.factory='module:function')")
     _check_weights(p / sub)
     sched = _scheduler_config_file(p, tcfg.subfolder)
     if sched is None:
@@ -143,7 +181,8 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
                           "scheduler/scheduler_config.json); save the teacher with its scheduler")
     scfg = _read_json(sched, "teacher.pretrained")
     _check_prediction_type(scfg.get("prediction_type", "epsilon"), str(sched))
-    _check_shapes(ucfg, data)
+    if kind == "unet":  # SD works in latent space: images are resized to what the VAE expects
+        _check_shapes(ucfg, data)
     n = _check_segments(segments, scfg.get("num_train_timesteps", 1000))
     if students is not None and n is not None:
         _check_students(students, n, lambda: _ConfigOnly(ucfg))
@@ -152,6 +191,9 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
 def check_run(cfg) -> None:
     """All teacher-dependent checks of a run config before any Ray work (see :func:`check_teacher`)."""
     check_teacher(cfg.teacher, cfg.data, segments=cfg.segments, students=cfg.students)
+    if cfg.eval.clip_model is not None and not Path(cfg.eval.clip_model).expanduser().is_dir():
+        raise ConfigError(f"eval.clip_model: folder {cfg.eval.clip_model!r} does not exist; give a local CLIP "
+                          "model folder (CLIPModel + processor) or remove it")
 
 
 class _ConfigOnly(nn.Module):
@@ -241,7 +283,7 @@ def _check_students(st, n: int, teacher_like) -> None:
             return
         tcfg = _teacher_unet_config(teacher_like())
         for w, lp in sorted(set(zip(widths, layers)), key=str):
-            _make_unet(student_config(tcfg, w, lp), "students.width")
+            _make_unet(student_config(tcfg, w, lp, drop_mid_block=st.drop_mid_block), "students.width")
 
 
 def sample_shape(model: nn.Module, channels: int, resolution: int) -> tuple[int, int, int]:
@@ -285,13 +327,15 @@ class TeacherFn:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False):
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False, cond: torch.Tensor | None = None):
+        """``x_t: (B, C, H, W)``, ``t: (B,)``, ``cond``: text embeddings ``(B, L, D)`` for a conditional UNet."""
         x_t = x_t.to(self.device)
         t = t.to(self.device)
+        kw = cond_kwargs(cond, self.device, self.dtype)
         if self.hooks is not None:
             self.hooks.clear()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            eps = eps_of(self.model(x_t.to(self.dtype) if self.dtype != torch.float32 else x_t, t)).float()
+            eps = eps_of(self.model(x_t.to(self.dtype) if self.dtype != torch.float32 else x_t, t, **kw)).float()
         feats = None
         if features and self.hooks is not None:
             feats = {k: v.float() for k, v in self.hooks.features.items()}
@@ -302,5 +346,14 @@ class TeacherFn:
         if not self.blocks:
             return {}
         x = torch.zeros(1, *shape, device=self.device)
-        _, feats = self(x, torch.zeros(1, dtype=torch.long, device=self.device), features=True)
+        _, feats = self(x, torch.zeros(1, dtype=torch.long, device=self.device), features=True,
+                        cond=dummy_cond(self.model))
         return {k: int(v.shape[1]) for k, v in feats.items()}
+
+
+def cond_kwargs(cond: torch.Tensor | None, device=None, dtype: torch.dtype | None = None) -> dict:
+    """The forward kwargs of a conditional UNet for text embeddings ``cond`` (``{}`` when None)."""
+    if cond is None:
+        return {}
+    return {"encoder_hidden_states": cond.to(device=device, dtype=dtype if dtype is not None else cond.dtype)}
+

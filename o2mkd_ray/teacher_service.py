@@ -68,23 +68,27 @@ class _Server:
         s["by_client"] = dict(self.by_client)
         return s
 
-    def _forward(self, x: np.ndarray, t: np.ndarray, features: bool):
+    def _forward(self, x: np.ndarray, t: np.ndarray, features: bool, cond: np.ndarray | None = None):
         t0 = time.perf_counter()
-        eps, feats = self.fn(torch.from_numpy(x), torch.from_numpy(t), features=features)
+        eps, feats = self.fn(torch.from_numpy(x), torch.from_numpy(t), features=features,
+                             cond=None if cond is None else torch.from_numpy(cond))
         out = (eps.cpu().numpy(), {k: v.cpu().numpy() for k, v in feats.items()} if feats else None)
         with self._busy_lock:
             self.stats["busy_s"] += time.perf_counter() - t0
             self.stats["forwards"] += 1
         return out
 
-    async def predict(self, x_t: np.ndarray, t: np.ndarray, features: bool = False, client: str = ""):
-        """``x_t: (B, C, H, W)``, ``t: (B,)`` numpy → ``(eps_T, feats_T | None)`` numpy."""
+    async def predict(self, x_t: np.ndarray, t: np.ndarray, features: bool = False, client: str = "",
+                      cond: np.ndarray | None = None):
+        """``x_t: (B, C, H, W)``, ``t: (B,)``, ``cond: (B, L, D)`` text embeddings (conditional teachers) numpy →
+        ``(eps_T, feats_T | None)`` numpy."""
         self.stats["requests"] += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
         self.stats["samples"] += int(x_t.shape[0])
         self._maybe_crash()
         fut = asyncio.get_running_loop().create_future()
-        self.queue.append((np.asarray(x_t), np.asarray(t), bool(features), fut))
+        self.queue.append((np.asarray(x_t), np.asarray(t), bool(features), fut,
+                           None if cond is None else np.asarray(cond)))
         if self._drainers < self.max_concurrency:  # a free forward slot: start a drainer for it
             self._drainers += 1
             asyncio.get_running_loop().create_task(self._drain())
@@ -98,21 +102,25 @@ class _Server:
             await asyncio.sleep(self.max_wait)
             while self.queue:
                 take, n = [], 0
-                while self.queue and (not take or n + self.queue[0][0].shape[0] <= self.max_batch):
+                # one forward takes requests of one kind (with / without text embeddings) and one text length
+                while self.queue and (not take or (n + self.queue[0][0].shape[0] <= self.max_batch
+                                                   and _cond_key(self.queue[0][4]) == _cond_key(take[0][4]))):
                     item = self.queue.pop(0)
                     take.append(item)
                     n += item[0].shape[0]
                 x = np.concatenate([q[0] for q in take])  # (sum B, C, H, W)
                 t = np.concatenate([q[1] for q in take])
                 feats = any(q[2] for q in take)
+                cond = None if take[0][4] is None else np.concatenate([q[4] for q in take])  # (sum B, L, D)
                 try:
-                    eps, fts = await asyncio.get_running_loop().run_in_executor(self.pool, self._forward, x, t, feats)
+                    eps, fts = await asyncio.get_running_loop().run_in_executor(self.pool, self._forward, x, t, feats,
+                                                                                cond)
                 except Exception as e:  # noqa: BLE001 - hand the error to every caller of this batch
                     for q in take:
                         q[3].set_exception(e)
                     continue
                 i = 0
-                for xq, _, fq, fut in take:
+                for xq, _, fq, fut, _ in take:
                     j = i + xq.shape[0]
                     fut.set_result((eps[i:j], {k: v[i:j] for k, v in fts.items()} if (fq and fts) else None))
                     i = j
@@ -126,6 +134,10 @@ class _Server:
         if n and self.stats["requests"] >= n and marker and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
+
+
+def _cond_key(cond: np.ndarray | None):
+    return None if cond is None else tuple(cond.shape[1:])
 
 
 def start_teacher(tcfg: TeacherConfig, run_id: str, feature_blocks: list[str] | None,
@@ -188,9 +200,10 @@ class TeacherClient:
                 raise _NotRegistered(str(e)) from None
         return self._handles[name]
 
-    def submit(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False):
+    def submit(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False, cond: torch.Tensor | None = None):
         name = self.rng.choice(self.names)  # spread load over replicas
-        args = (x_t.detach().cpu().numpy(), t.detach().cpu().numpy(), features, self.client)
+        args = (x_t.detach().cpu().numpy(), t.detach().cpu().numpy(), features, self.client,
+                None if cond is None else cond.detach().cpu().numpy())
         return (name, args, self._handle(name).predict.remote(*args), time.perf_counter())
 
     def result(self, pending) -> tuple[torch.Tensor, dict | None]:
@@ -213,8 +226,8 @@ class TeacherClient:
         to_t = lambda a: torch.from_numpy(np.array(a))  # copy: object-store arrays are read-only  # noqa: E731
         return to_t(eps), ({k: to_t(v) for k, v in feats.items()} if feats else None)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False):
-        return self.result(self.submit(x_t, t, features))
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False, cond: torch.Tensor | None = None):
+        return self.result(self.submit(x_t, t, features, cond))
 
 
 class LocalTeacher:
@@ -225,8 +238,8 @@ class LocalTeacher:
         self.latency_s = 0.0
         self.calls = 0
 
-    def submit(self, x_t, t, features: bool = False):
-        return (x_t, t, features)
+    def submit(self, x_t, t, features: bool = False, cond=None):
+        return (x_t, t, features, cond)
 
     def result(self, pending):
         t0 = time.perf_counter()
@@ -235,5 +248,5 @@ class LocalTeacher:
         self.calls += 1
         return out
 
-    def __call__(self, x_t, t, features: bool = False):
-        return self.result(self.submit(x_t, t, features))
+    def __call__(self, x_t, t, features: bool = False, cond=None):
+        return self.result(self.submit(x_t, t, features, cond))

@@ -48,7 +48,8 @@ def _restore(dist, ckpt, cfg) -> int:
 def train_loop_per_worker(config: dict) -> dict:
     """Trains student ``config["segment"]`` on its timestep segment; one Ray Train worker of that segment."""
     entered = time.time()
-    from diffusers import DDPMScheduler, UNet2DModel
+    import diffusers
+    from diffusers import DDPMScheduler
 
     from .config import from_dict
     from .data import build_dataset, infinite, make_loader
@@ -69,7 +70,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # the student's initial weights come from the driver through the object store (teacher-sliced or scratch)
     init = ray.get(config["student_init"][0])
-    student = UNet2DModel.from_config(init["config"])
+    student = getattr(diffusers, init.get("class", "UNet2DModel")).from_config(init["config"])
     student.load_state_dict({n: torch.from_numpy(a.copy()) for n, a in init["state"].items()})
 
     if cfg.teacher.mode == "actor":
@@ -81,14 +82,21 @@ def train_loop_per_worker(config: dict) -> dict:
         teacher = LocalTeacher(TeacherFn(model.to(device), config.get("feature_blocks")))
 
     wrap = (lambda m: ray.train.torch.prepare_model(m)) if world > 1 else None
+    cond_data = ray.get(config["cond_data"][0]) if config.get("cond_data") else None  # text-to-image runs
+    uncond = torch.from_numpy(cond_data["uncond"].copy()) if cond_data else None
     dist = SegmentDistiller(cfg, k, segments, scheduler, student, config.get("teacher_channels"), wrap=wrap,
-                            rank=rank, device=device)
+                            rank=rank, device=device, uncond=uncond)
     start_step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         start_step = _restore(dist, ckpt, cfg)
 
-    dataset = build_dataset(cfg.data)
+    if cond_data:  # cached latents + text embeddings from the driver (o2mkd_ray.sd.build_cond_data)
+        from .sd import cond_dataset
+
+        dataset = cond_dataset(cond_data)
+    else:
+        dataset = build_dataset(cfg.data)
     per_worker = max(1, cfg.train.batch_size // world)
     loader = make_loader(dataset, per_worker, cfg.train.seed + k)
     if world > 1:
@@ -100,18 +108,20 @@ def train_loop_per_worker(config: dict) -> dict:
     every = cfg.train.checkpoint_every
 
     def next_inputs():
-        (x_0,) = next(batches)
+        x_0, *rest = next(batches)
         x_t, t, eps = dist.make_inputs(x_0)
-        return x_t, t, eps, teacher.submit(x_t, t, features=bool(dist.blocks))
+        cond = dist.make_cond(rest[0]) if rest else None  # (B, L, D) text embeddings, or None
+        pending = teacher.submit(x_t, t, features=bool(dist.blocks), **({} if cond is None else {"cond": cond}))
+        return x_t, t, eps, cond, pending
 
     t_train, n_samples, recent, history = 0.0, 0, [], []
     cur = next_inputs() if dist.step < cfg.train.steps else None
     while dist.step < cfg.train.steps:
         t0 = time.perf_counter()
-        x_t, t, eps, pending = cur
+        x_t, t, eps, cond, pending = cur
         cur = next_inputs() if dist.step + 1 < cfg.train.steps else None  # prefetch the next batch's targets
         eps_T, feats_T = teacher.result(pending)
-        terms = dist.train_step(x_t, t, eps, eps_T, feats_T)
+        terms = dist.train_step(x_t, t, eps, eps_T, feats_T, cond)
         t_train += time.perf_counter() - t0
         n_samples += x_t.shape[0]
         recent.append(terms["loss"])
