@@ -279,7 +279,8 @@ def _check_students(st, n: int, teacher_like) -> None:
     with torch.device("meta"):
         if st.unet is not None:
             for lp in sorted(set(layers), key=str):
-                _make_unet(dict(st.unet, **({} if lp is None else {"layers_per_block": int(lp)})), "students.unet")
+                ucfg = dict(st.unet, **({} if lp is None else {"layers_per_block": int(lp)}))
+                _make_unet(dict(ucfg, mid_block_type=None) if st.drop_mid_block else ucfg, "students.unet")
             return
         tcfg = _teacher_unet_config(teacher_like())
         for w, lp in sorted(set(zip(widths, layers)), key=str):

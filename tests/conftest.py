@@ -71,3 +71,32 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "o2mkd_ray.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=str(cwd or ROOT))
+
+
+PROMPTS = ["a red square", "a blue circle", "a green triangle", "a yellow star", "a black cat", "a white dog",
+           "a small house", "a tall tree", "an old car", "a quiet lake", "a busy street", "a snowy mountain"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), built offline."""
+    from o2mkd_ray.sd import make_tiny_sd
+
+    d = tmp_path_factory.mktemp("sd") / "tiny_sd"
+    make_tiny_sd(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+def sd_overrides(sd_dir: Path, prompts: Path) -> list[str]:
+    """--set overrides of pipelines/tiny.yaml for a seconds-long text-to-image run on the tiny SD teacher."""
+    return [f"teacher.pretrained={sd_dir}", "data.kind=prompts", f"data.path={prompts}", "data.synth_steps=3",
+            "segments.n=2", "students.width=0.5", "students.layers_per_block=1", "students.drop_mid_block=true",
+            "train.batch_size=4", "sampling.steps=3", "sampling.num_images=3", "mlflow.enabled=false",
+            "eval.enabled=false"]
