@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--output", default=None, help="PNG path (default PIPELINE_DIR/../samples_cli.png)")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image pipelines: a prompt (repeat for several; --num-images images each)")
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (text-to-image)")
     _debug_flag(s)
 
     from .analysis import add_analyze_parser
@@ -99,6 +103,11 @@ def _default_config() -> str:
     return str(here) if here.is_file() else None
 
 
+# pipeline class -> its folders (the students' folder first)
+PIPELINE_COMPONENTS = {"O2MKDPipeline": ("students", "scheduler"),
+                       "O2MKDStableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer")}
+
+
 def check_pipeline_dir(d: Path) -> dict:
     """A saved O2MKD pipeline folder: model_index.json of the right class, its components, intact weights.
 
@@ -117,16 +126,17 @@ def check_pipeline_dir(d: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{str(d / 'model_index.json')!r} is not valid JSON; re-save the pipeline") from None
     cls = idx.get("_class_name") if isinstance(idx, dict) else None
-    if cls != "O2MKDPipeline":
+    if cls not in PIPELINE_COMPONENTS:
         raise ConfigError(f"pipeline folder {str(d)!r} holds a {cls}, not an O2MKDPipeline; sample it with "
                           f"diffusers ({cls}.from_pretrained), or give OUT/pipeline of an o2mkd-ray distill run")
-    for comp in ("students", "scheduler"):
+    for comp in PIPELINE_COMPONENTS[cls]:
         if not (d / comp).is_dir():
             raise ConfigError(f"pipeline folder {str(d)!r} has no {comp}/ folder; the save is incomplete, re-run "
                               "distill with the same --out to re-assemble it")
-    weights = sorted((d / "students").rglob("*.safetensors"))
+    unet = PIPELINE_COMPONENTS[cls][0]
+    weights = sorted((d / unet).rglob("*.safetensors"))
     if not weights:
-        raise ConfigError(f"pipeline folder {str(d)!r} has no student weights (students/**/*.safetensors); re-run "
+        raise ConfigError(f"pipeline folder {str(d)!r} has no student weights ({unet}/**/*.safetensors); re-run "
                           "distill with the same --out to re-assemble it")
     for f in weights:
         check_safetensors(f, "pipeline")
@@ -161,27 +171,46 @@ def _sample(args) -> int:
         raise ConfigError(f"--output {str(out)!r}: folder {str(out.parent)!r} does not exist; create it first")
     if args.scheduler:
         check_scheduler_name(args.scheduler, "--scheduler")
+    text = json.loads((d / "model_index.json").read_text())["_class_name"] == "O2MKDStableDiffusionPipeline"
+    if text and not args.prompt:
+        raise ConfigError("--prompt: this is a text-to-image pipeline; give at least one --prompt \"...\"")
+    if not text and args.prompt:
+        raise ConfigError("--prompt: this pipeline is unconditional; drop --prompt")
+    if args.guidance_scale < 0:
+        raise ConfigError(f"--guidance-scale: must be >= 0, got {args.guidance_scale}")
 
     import torch
 
-    from .assemble import make_scheduler, save_grid
+    from .assemble import make_scheduler, save_grid, sd_images
     from .pipeline import O2MKDPipeline
+    from .sd_pipeline import O2MKDStableDiffusionPipeline
 
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()  # stderr stays for errors
+    if text:
+        from transformers.utils import logging as tlogging
+
+        tlogging.disable_progress_bar()
     try:
-        pipe = O2MKDPipeline.from_pretrained(d)
+        pipe = (O2MKDStableDiffusionPipeline if text else O2MKDPipeline).from_pretrained(d)
     except (OSError, ValueError, KeyError, TypeError) as e:  # what diffusers raises on a damaged folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"pipeline folder {str(d)!r} cannot be loaded ({first}); re-run distill with the same "
                           "--out to re-assemble it") from None
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    g = torch.Generator().manual_seed(args.seed)
-    imgs = pipe(batch_size=args.num_images, generator=g, num_inference_steps=args.steps, eta=args.eta,
-                output_type="np").images
-    save_grid([imgs], [f"{type(pipe.scheduler).__name__} {args.steps} steps"], out)
+    if text:
+        pipe.set_progress_bar_config(disable=True)
+        rows = [sd_images(pipe, [p] * args.num_images, args.steps, args.guidance_scale, args.seed,
+                          args.negative_prompt) for p in args.prompt]
+        save_grid(rows, [f"{p!r}, guidance {args.guidance_scale}" for p in args.prompt], out,
+                  title=f"{type(pipe.scheduler).__name__} {args.steps} steps")
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        imgs = pipe(batch_size=args.num_images, generator=g, num_inference_steps=args.steps, eta=args.eta,
+                    output_type="np").images
+        save_grid([imgs], [f"{type(pipe.scheduler).__name__} {args.steps} steps"], out)
     print(str(out))
     return 0
 

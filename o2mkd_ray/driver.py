@@ -222,6 +222,7 @@ def _tracked(cfg: Config, out, engine: str, tracker, parent_run_id, body) -> dic
         report = body(tracker)
         if cfg.eval.enabled:
             report["eval"] = _quick_eval(cfg, out, tracker)
+            (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
         if tracker is not None:
             tracker.log_artifacts([out / f for f in ("config.json", "samples.png", "history.json")])
             if cfg.mlflow.log_pipeline:

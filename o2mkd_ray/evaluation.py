@@ -318,6 +318,10 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"eval {key}: must be an integer >= 1, got {v!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .teacher import teacher_kind
+
+    if teacher_kind(cfg.teacher) == "stable_diffusion":
+        return evaluate_sd_run(out, cfg, n, steps, latency_repeats=latency_repeats, device=dev)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -420,6 +424,38 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
     report["files"] = [str(f) for f in files]
     md.write_text(_markdown(report, per_seg, fid, cost, lat))
     json_path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def evaluate_sd_run(out: Path, cfg, num_images: int, steps: int, *, latency_repeats: int = 2,
+                    device: torch.device | str = "cpu") -> dict:
+    """The text-to-image evaluation of a distill run (:func:`o2mkd_ray.sd_eval.evaluate_sd`): teacher vs students
+    on ``num_images`` prompts (``sampling.prompts``, then the data's captions) with the same noise and guidance;
+    pixel MSE/PSNR, FID/KID students vs teacher, CLIP score (``eval.clip_model``), MACs and wall-time ratios.
+    Writes ``OUT/eval/{samples.png, metrics.json, report.json}``."""
+    from .assemble import make_scheduler, teacher_sd_pipeline
+    from .data import read_captions
+    from .sd_eval import evaluate_sd
+    from .sd_pipeline import O2MKDStableDiffusionPipeline
+
+    prompts = list(cfg.sampling.prompts or [])
+    if len(prompts) < num_images:
+        prompts += read_captions(cfg.data)["caption"].head(num_images - len(prompts)).tolist()
+    prompts = prompts[:num_images]
+    pipe = O2MKDStableDiffusionPipeline.from_pretrained(out / "pipeline").to(device)
+    pipe.set_progress_bar_config(disable=True)
+    teacher = teacher_sd_pipeline(cfg).to(device)
+    teacher.scheduler = make_scheduler(type(pipe.scheduler).__name__, teacher.scheduler.config)
+    ev = out / "eval"
+    ev.mkdir(exist_ok=True)
+    report = evaluate_sd(teacher, pipe, prompts, steps=steps, guidance_scale=cfg.sampling.guidance_scale,
+                         negative_prompt=cfg.sampling.negative_prompt, seed=cfg.sampling.seed,
+                         clip_model=cfg.eval.clip_model, fid_weights=cfg.eval.fid_weights, out_dir=ev,
+                         latency_repeats=latency_repeats)
+    report = {k: v for k, v in report.items() if k not in ("teacher_images", "student_images")}
+    report.update(run=str(out), name=cfg.name, num_segments=pipe.unet.num_students,
+                  boundaries=list(pipe.unet.config.boundaries))
+    (ev / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 

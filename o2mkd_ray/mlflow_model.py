@@ -18,16 +18,24 @@ import pandas as pd
 
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
-    """``mlflow.pyfunc`` wrapper of :class:`~o2mkd_ray.O2MKDPipeline`.
+    """``mlflow.pyfunc`` wrapper of :class:`~o2mkd_ray.O2MKDPipeline` (or ``O2MKDStableDiffusionPipeline``).
 
     ``predict`` takes a DataFrame (first row) or a dict with ``num_images`` (default 4), ``steps`` (default 50),
-    ``seed`` (default 0) and returns images as a float32 array of shape (B, H, W, C) in [0, 1].
+    ``seed`` (default 0) and, for text-to-image pipelines, ``prompt`` (required), ``negative_prompt`` and
+    ``guidance_scale`` (default 7.5); it returns images as a float32 array of shape (B, H, W, C) in [0, 1].
     """
 
     def load_context(self, context):
-        from o2mkd_ray.pipeline import O2MKDPipeline
+        import json
+        from pathlib import Path
 
-        self.pipe = O2MKDPipeline.from_pretrained(context.artifacts["pipeline"])
+        path = context.artifacts["pipeline"]
+        self.text = json.loads((Path(path) / "model_index.json").read_text())["_class_name"] != "O2MKDPipeline"
+        if self.text:
+            from o2mkd_ray.sd_pipeline import O2MKDStableDiffusionPipeline as cls
+        else:
+            from o2mkd_ray.pipeline import O2MKDPipeline as cls
+        self.pipe = cls.from_pretrained(path)
         self.pipe.set_progress_bar_config(disable=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):  # (B, H, W, C)
@@ -41,15 +49,22 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         elif isinstance(model_input, dict):
             args.update({k: (v[0] if isinstance(v, (list, tuple)) and v else v) for k, v in model_input.items()})
         n, steps, seed = (int(args.get("num_images", 4)), int(args.get("steps", 50)), int(args.get("seed", 0)))
-        images = self.pipe(batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                           output_type="np").images
+        g = torch.Generator().manual_seed(seed)
+        if self.text:
+            if not args.get("prompt"):
+                raise ValueError("this is a text-to-image model: give a 'prompt'")
+            images = self.pipe(str(args["prompt"]), negative_prompt=args.get("negative_prompt"), num_images_per_prompt=n,
+                               guidance_scale=float(args.get("guidance_scale", 7.5)), num_inference_steps=steps,
+                               generator=g, output_type="np").images
+        else:
+            images = self.pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type="np").images
         return np.asarray(images, dtype=np.float32)  # (B, H, W, C)
 
 
 def _pip_requirements() -> list[str]:
     # pinned from this environment, no resolution over the network; local tags (+cpu) are not on PyPI
     reqs = []
-    for dist in ("torch", "diffusers", "numpy", "pandas", "safetensors", "accelerate"):
+    for dist in ("torch", "diffusers", "numpy", "pandas", "safetensors", "accelerate", "transformers"):
         try:
             reqs.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
         except importlib.metadata.PackageNotFoundError:
@@ -73,7 +88,9 @@ def _signature():
 
     import numpy as np
 
-    inputs = Schema([ColSpec("long", name, required=False) for name in ("num_images", "steps", "seed")])
+    inputs = Schema([ColSpec("long", name, required=False) for name in ("num_images", "steps", "seed")]
+                    + [ColSpec("string", name, required=False) for name in ("prompt", "negative_prompt")]
+                    + [ColSpec("double", "guidance_scale", required=False)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, -1))]))
 
 
