@@ -12,9 +12,13 @@ _LAZY = {
     "Segments": "o2mkd_ray.segments",
     "MultiStudentUNet": "o2mkd_ray.multi_unet",
     "O2MKDPipeline": "o2mkd_ray.pipeline",
+    "O2MKDStableDiffusionPipeline": "o2mkd_ray.sd_pipeline",
+    "evaluate_sd": "o2mkd_ray.sd_eval",
+    "clip_score": "o2mkd_ray.sd_eval",
 }
 
-__all__ = ["MultiStudentUNet", "O2MKDPipeline", "Segments", "__version__"]
+__all__ = ["MultiStudentUNet", "O2MKDPipeline", "O2MKDStableDiffusionPipeline", "Segments", "clip_score",
+           "evaluate_sd", "__version__"]
 
 
 def __getattr__(name: str):

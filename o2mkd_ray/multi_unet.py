@@ -3,7 +3,10 @@
 It is a diffusers ``ModelMixin``, so it saves to one folder (``config.json`` holding every student's config,
 and one ``diffusion_pytorch_model.safetensors`` holding all weights under ``students.{k}.``) and loads back
 with ``from_pretrained``; any diffusers pipeline that calls ``unet(x_t, t).sample`` can use it in place of a
-UNet.
+UNet. With ``UNet2DConditionModel`` students it is a drop-in ``unet`` for ``StableDiffusionPipeline``: the
+config keys that pipeline reads (``sample_size``, ``in_channels``, ``time_cond_proj_dim``, ...) are recorded
+from the first student, and ``encoder_hidden_states`` / ``timestep_cond`` / ``added_cond_kwargs`` are passed
+to (and, for mixed-timestep batches, sliced along with) the owning student.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from o2mkd_ray.segments import Segments
+
+
+# config keys every student must agree on (the pipeline feeds all of them the same latents/conditioning)
+_SHARED_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "cross_attention_dim")
+
+
+def _json_value(value):
+    """Tuples as lists (what a JSON round trip gives back), other values as is."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _json_config(model: nn.Module) -> dict:
@@ -62,8 +74,11 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         student_configs: each student's diffusers config (only used when ``students`` is None).
         student_classes: each student's class name (``"UNet2DModel"`` or ``"module.Class"``).
         value_range: ``(lo, hi)`` of the data the teacher was trained on; the pipeline maps outputs to [0, 1].
-        sample_size, in_channels, out_channels: recorded from the students (pipelines read them from
-            ``config``); accepted here only so that loading a saved config passes them back silently.
+        sample_size, in_channels, out_channels, time_cond_proj_dim, cross_attention_dim: recorded from the
+            first student (pipelines read them from ``config``: ``StableDiffusionPipeline`` reads
+            ``sample_size``, ``in_channels`` and ``time_cond_proj_dim``); accepted here only so that loading a
+            saved config passes them back silently. Configs saved before ``time_cond_proj_dim`` /
+            ``cross_attention_dim`` were recorded load too (the values are re-derived from the students).
     """
 
     def __init__(
@@ -76,6 +91,8 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         sample_size=None,
         in_channels: int | None = None,
         out_channels: int | None = None,
+        time_cond_proj_dim: int | None = None,
+        cross_attention_dim=None,
     ):
         super().__init__()
         segments = Segments(boundaries)
@@ -102,7 +119,7 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
                 f"MultiStudentUNet: value_range must be (lo, hi) with lo < hi, got {value_range}"
             )
         first = students[0].config
-        for key in ("in_channels", "out_channels", "sample_size"):
+        for key in _SHARED_KEYS:
             values = [json.dumps(s.config.get(key)) for s in students]
             if len(set(values)) > 1:
                 raise ValueError(f"MultiStudentUNet: students disagree on {key} ({values}); they must match")
@@ -117,6 +134,9 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
             sample_size=list(sample_size) if isinstance(sample_size, (list, tuple)) else sample_size,
             in_channels=first.get("in_channels"),
             out_channels=first.get("out_channels"),
+            # UNet2DModel students have neither key: None, which is what StableDiffusionPipeline expects
+            time_cond_proj_dim=first.get("time_cond_proj_dim"),
+            cross_attention_dim=_json_value(first.get("cross_attention_dim")),
         )
         self._segments = segments
 
@@ -132,6 +152,31 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         """Returns student k (the model for segment k)."""
         return self.students[k]
 
+    def _each_student(self, method: str, *args, **kwargs) -> None:
+        """Calls ``student.method(*args, **kwargs)`` on every student that has it (UNet2DModel lacks some)."""
+        found = False
+        for s in self.students:
+            fn = getattr(s, method, None)
+            if fn is not None:
+                fn(*args, **kwargs)
+                found = True
+        if not found:
+            raise AttributeError(
+                f"MultiStudentUNet: no student has {method}() ({self.config.student_classes})"
+            )
+
+    def set_attention_slice(self, slice_size) -> None:
+        """Sliced attention in every student (what ``pipe.enable_attention_slicing(slice_size)`` calls)."""
+        self._each_student("set_attention_slice", slice_size)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU in every student (what ``pipe.enable_freeu(...)`` calls)."""
+        self._each_student("enable_freeu", s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        """Undoes :meth:`enable_freeu`."""
+        self._each_student("disable_freeu")
+
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
         """Predicts eps with the student that owns each timestep.
 
@@ -139,8 +184,9 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
             sample: x_t, shape (B, C, H, W).
             timestep: a number, a 0-d / 1-element tensor (one student runs on the whole batch), or a tensor of
                 shape (B,) (each sample goes to its own owner).
-            *args, **kwargs: passed to the students (e.g. ``encoder_hidden_states``); per-sample tensors
-                (leading dim B) are sliced along with the batch.
+            *args, **kwargs: passed to the students (e.g. ``encoder_hidden_states`` (B, L, D),
+                ``timestep_cond`` (B, time_cond_proj_dim), ``added_cond_kwargs``, ``cross_attention_kwargs``);
+                per-sample tensors (leading dim B, also inside dicts) are sliced along with the batch.
             return_dict: return ``UNet2DOutput`` rather than a tuple.
         Returns:
             ``UNet2DOutput(sample=eps)`` with eps of shape (B, C_out, H, W), or ``(eps,)``.
