@@ -136,6 +136,9 @@ def feature_stats(cfg: Config, num_images: int = 64, num_timesteps: int = 50, bl
 
     if num_images < 1:
         raise ConfigError(f"analysis: --images must be >= 1, got {num_images}")
+    from .tuning import _refuse_text_to_image
+
+    _refuse_text_to_image(cfg, "analyze")
     teacher, scheduler = load_teacher(cfg.teacher)
     teacher.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     T = int(scheduler.config.num_train_timesteps)

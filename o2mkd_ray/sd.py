@@ -122,7 +122,7 @@ def _byte_vocab() -> dict[str, int]:
 
 
 def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int = 8, block_out_channels=(16, 32),
-                 cross_attention_dim: int = 16, max_length: int = 16):
+                 cross_attention_dim: int = 16, max_length: int = 77):
     """Writes a tiny random Stable Diffusion folder and returns the ``StableDiffusionPipeline``.
 
     Same component classes and layout as SD 1.x (CrossAttn down/up blocks, a cross-attention mid block,
@@ -284,3 +284,12 @@ def cond_dataset(cond_data: dict):
     from torch.utils.data import TensorDataset
 
     return TensorDataset(torch.from_numpy(cond_data["latents"].copy()), torch.from_numpy(cond_data["embeds"].copy()))
+
+
+if __name__ == "__main__":  # python -m o2mkd_ray.sd FOLDER: write the tiny offline SD folder (pipelines/sd_tiny.yaml)
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m o2mkd_ray.sd FOLDER   (writes a tiny random Stable Diffusion folder)")
+    make_tiny_sd(sys.argv[1])
+    print(sys.argv[1])

@@ -115,6 +115,15 @@ def sampling_cost(cfg: Config, teacher, shape) -> dict:
     return {"cost": float(cost), "macs": macs, "teacher_macs": t_macs, "params": [count_params(s) for s in students]}
 
 
+def _refuse_text_to_image(cfg: Config, command: str) -> None:
+    from .teacher import teacher_kind
+
+    if teacher_kind(cfg.teacher) == "stable_diffusion":
+        raise ConfigError(f"{command}: Stable Diffusion teachers are not supported by `o2mkd-ray {command}` yet (its "
+                          "objectives read unconditional images); distil with `o2mkd-ray distill` and compare runs "
+                          "with `o2mkd-ray eval`")
+
+
 def objective_value(cfg: Config, out: str | Path, objective: str, teacher, scheduler, samples: int = 256,
                     images: int | None = None, steps: int | None = None) -> dict:
     """The final quality of a finished run folder (lower is better).
@@ -408,6 +417,7 @@ def run_tuning(cfg: Config, space, out: str | Path, num_samples: int | None = No
         raise ConfigError(f"--out {str(out)!r} already holds a tune search ({exp_dir}); drop --no-resume to "
                           "continue it, or use a new --out")
     check_teacher(cfg.teacher, cfg.data)
+    _refuse_text_to_image(cfg, "tune")
     check_data(cfg.data)
     teacher, scheduler = load_teacher(cfg.teacher)
     T = int(scheduler.config.num_train_timesteps)

@@ -138,7 +138,7 @@ def test_cond_data_embeds_exactly_like_the_sd_pipeline_and_is_cached(tiny_sd_dir
     cond = build_cond_data(cfg, unet, dict(sched.config), teacher=teacher, cache_dir=tmp_path, log=lambda m: None)
     n = len(PROMPTS)
     assert cond["prompts"] == PROMPTS
-    assert cond["latents"].shape == (n, 4, 8, 8) and cond["embeds"].shape == (n, 16, 16)
+    assert cond["latents"].shape == (n, 4, 8, 8) and cond["embeds"].shape == (n, 77, 16)
     assert np.isfinite(cond["latents"]).all()
     # 3 DDIM steps x (one CFG-doubled call per batch of <= 16 prompts)
     assert calls == [2 * n] * 3
@@ -193,10 +193,10 @@ def test_condition_dropout_uses_the_empty_prompt(tiny_sd_dir, prompts_file):
 
     cfg = _sd_cfg(tiny_sd_dir, prompts_file, "data.uncond_prob=0.5", "kd.lambda_feat=0")
     unet, sched = load_teacher(cfg.teacher)
-    uncond = torch.full((1, 16, 16), -7.0)
+    uncond = torch.full((1, 77, 16), -7.0)
     dist = SegmentDistiller(cfg, 0, Segments.uniform(1000, 2), sched, build_students(cfg, unet, 2)[0], {},
                             uncond=uncond)
-    cond = torch.randn(400, 16, 16)
+    cond = torch.randn(400, 77, 16)
     out = dist.make_cond(cond, torch.Generator().manual_seed(0))
     dropped = (out == -7.0).all(dim=(1, 2))
     kept = (out == cond).all(dim=(1, 2))
@@ -221,3 +221,12 @@ def test_local_engine_distils_a_tiny_sd_and_routes_sampling(tiny_sd_dir, prompts
     img = pipe("a red square", num_inference_steps=3, guidance_scale=5.0, generator=g, output_type="np").images
     assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
     assert (tmp_path / "run" / "samples.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("cmd", ["tune", "analyze"])
+def test_tune_and_analyze_refuse_sd_teachers_in_one_line(tiny_sd_dir, prompts_file, tmp_path, cmd):
+    sets = sum((["--set", o] for o in sd_overrides(tiny_sd_dir, prompts_file)), [])
+    args = [str(ROOT / "tune_spaces" / "boundaries_widths.yaml"), "--out", str(tmp_path / "t")] if cmd == "tune" else []
+    r = run_cli(cmd, str(ROOT / "pipelines" / "tiny.yaml"), *args, *sets)
+    assert r.returncode == 2 and "Stable Diffusion teachers are not supported" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "t").exists()

@@ -113,7 +113,7 @@ def test_evaluate_sd_students_equal_teacher(teacher, clip_dir, tmp_path):
     assert "clip_score_skipped" not in rep
     assert rep["fid_backend"] == "random-conv" and "fid_o2mkd_vs_teacher" in m
     assert m["teacher_s_per_image"] > 0 and m["o2mkd_s_per_image"] > 0 and m["latency_speedup"] > 0
-    assert rep["cost"]["unet_batch_per_image"] == 2 and rep["cost"]["text_shape"] == [1, 16, 16]
+    assert rep["cost"]["unet_batch_per_image"] == 2 and rep["cost"]["text_shape"] == [1, 77, 16]
     assert (tmp_path / "eval" / "samples.png").stat().st_size > 0
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["metrics"] == pytest.approx(m) and "teacher_images" not in saved

@@ -98,7 +98,7 @@ def count_calls(multi):
 @pytest.mark.parametrize("scheduler_cls", [PNDMScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
 def test_equals_stable_diffusion_pipeline(teacher, sd_dir, scheduler_cls):
     ref = reference(teacher, scheduler_cls)
-    embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, ["a green tree", "sky"])  # (2, 16, 16)
+    embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, ["a green tree", "sky"])  # (2, 77, 16)
     neg = encode_prompts(teacher.tokenizer, teacher.text_encoder, NEGATIVE)
     by_embeds = {"prompt_embeds": embeds, "negative_prompt_embeds": neg, "guidance_scale": 7.5}
     by_text = {"prompt": PROMPTS, "negative_prompt": NEGATIVE, "guidance_scale": 7.5}
