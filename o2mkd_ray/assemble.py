@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,9 @@ def write_sd_samples(cfg: Config, teacher_pipe, pipe, prompts: list[str], path) 
     """``samples.png`` of a text-to-image run: teacher (top) and students (bottom), same prompts, noise, guidance."""
     sm = cfg.sampling
     pipe.set_progress_bar_config(disable=True)
-    teacher_pipe.scheduler = make_scheduler(sm.scheduler, teacher_pipe.scheduler.config)
+    # an identical copy of the students' scheduler: StableDiffusionPipeline.__init__ normalised it (clip_sample,
+    # steps_offset), and from_config(its config) would restore the defaults it lists in _use_default_values
+    teacher_pipe.scheduler = copy.deepcopy(pipe.scheduler)
     t_img = sd_images(teacher_pipe, prompts, sm.steps, sm.guidance_scale, sm.seed, sm.negative_prompt)
     s_img = sd_images(pipe, prompts, sm.steps, sm.guidance_scale, sm.seed, sm.negative_prompt)
     mse = float(np.mean((t_img - s_img) ** 2))

@@ -198,7 +198,9 @@ def _sample(args) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"pipeline folder {str(d)!r} cannot be loaded ({first}); re-run distill with the same "
                           "--out to re-assemble it") from None
-    if args.scheduler:
+    if args.scheduler and text:  # through the constructor, which normalises SD schedulers (clip_sample, offset)
+        pipe = type(pipe)(**{**pipe.components, "scheduler": make_scheduler(args.scheduler, pipe.scheduler.config)})
+    elif args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if text:
         pipe.set_progress_bar_config(disable=True)

@@ -433,9 +433,9 @@ def evaluate_sd_run(out: Path, cfg, num_images: int, steps: int, *, latency_repe
     on ``num_images`` prompts (``sampling.prompts``, then the data's captions) with the same noise and guidance;
     pixel MSE/PSNR, FID/KID students vs teacher, CLIP score (``eval.clip_model``), MACs and wall-time ratios.
     Writes ``OUT/eval/{samples.png, metrics.json, report.json}``."""
-    from .assemble import make_scheduler, teacher_sd_pipeline
+    from .assemble import teacher_sd_pipeline
     from .data import read_captions
-    from .sd_eval import evaluate_sd
+    from .sd_eval import evaluate_sd  # samples both with a copy of the students' scheduler
     from .sd_pipeline import O2MKDStableDiffusionPipeline
 
     prompts = list(cfg.sampling.prompts or [])
@@ -445,7 +445,6 @@ def evaluate_sd_run(out: Path, cfg, num_images: int, steps: int, *, latency_repe
     pipe = O2MKDStableDiffusionPipeline.from_pretrained(out / "pipeline").to(device)
     pipe.set_progress_bar_config(disable=True)
     teacher = teacher_sd_pipeline(cfg).to(device)
-    teacher.scheduler = make_scheduler(type(pipe.scheduler).__name__, teacher.scheduler.config)
     ev = out / "eval"
     ev.mkdir(exist_ok=True)
     report = evaluate_sd(teacher, pipe, prompts, steps=steps, guidance_scale=cfg.sampling.guidance_scale,

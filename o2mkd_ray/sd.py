@@ -157,6 +157,9 @@ def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int = 8, block_
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
+    # as in CompVis/stable-diffusion-v1-4's scheduler_config.json: DDIM & co. built from it must not clip x_0
+    f = Path(folder) / "scheduler" / "scheduler_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "clip_sample": False}, indent=2))
     return pipe
 
 

@@ -11,6 +11,7 @@ sampling run, and wall time per image. Plain torch/diffusers/transformers (no Ra
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -287,14 +288,18 @@ def evaluate_sd(teacher_pipe, student_pipe, prompts: list[str], *, steps: int = 
         raise ValueError(f"evaluate_sd: teacher latents {tuple(t_lat)} and students' {tuple(s_lat)} differ; "
                          "they cannot share initial noise")
     height, width = t_lat[1] * teacher_pipe.vae_scale_factor, t_lat[2] * teacher_pipe.vae_scale_factor
-    sched_cls, sched_cfg = type(student_pipe.scheduler), student_pipe.scheduler.config
+    # copies of the students' scheduler instance, not from_config(its config): a scheduler that
+    # StableDiffusionPipeline.__init__ normalised (clip_sample=False) lists the key in _use_default_values, and
+    # from_config would quietly restore the class default
+    sched_cls = type(student_pipe.scheduler)
+    fresh = lambda: copy.deepcopy(student_pipe.scheduler)  # noqa: E731
     kw = {"steps": steps, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "seed": seed,
           "batch_size": batch_size, "height": height, "width": width}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    with _sampling_state(teacher_pipe, sched_cls.from_config(sched_cfg)), \
-            _sampling_state(student_pipe, sched_cls.from_config(sched_cfg)):
+    with _sampling_state(teacher_pipe, fresh()), \
+            _sampling_state(student_pipe, fresh()):
         t_img = _sample(teacher_pipe, prompts, **kw)
         timings["teacher_sampling_s"] = time.perf_counter() - t0
         s_img = _sample(student_pipe, prompts, **kw)
@@ -316,7 +321,7 @@ def evaluate_sd(teacher_pipe, student_pipe, prompts: list[str], *, steps: int = 
     fid = fid_kid(space, {"teacher": t_img, "o2mkd": s_img}, [("o2mkd", "teacher")])
 
     cfg_on = guidance_scale > 1 and student_pipe.unet.config.get("time_cond_proj_dim") is None
-    cost = _macs_report(teacher_pipe, student_pipe, sched_cls.from_config(sched_cfg), steps, cfg_on)
+    cost = _macs_report(teacher_pipe, student_pipe, fresh(), steps, cfg_on)
 
     clip: dict = {}
     if clip_model is not None:

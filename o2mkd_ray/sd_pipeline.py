@@ -14,6 +14,7 @@ Example::
     pipe = O2MKDStableDiffusionPipeline.from_pretrained("o2mkd-sd")
 """
 
+import copy
 import inspect
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def _accepts(fn, name: str) -> bool:
 
 
 def _fresh(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """A new scheduler of the same class and config (no shared ``set_timesteps`` state)."""
-    return type(scheduler).from_config(scheduler.config)
+    """A copy of the scheduler (no shared ``set_timesteps`` state). Not ``from_config(scheduler.config)``: keys
+    that StableDiffusionPipeline.__init__ normalised are listed in ``_use_default_values`` and from_config would
+    quietly restore the class defaults (e.g. DDIM's ``clip_sample=True``)."""
+    return copy.deepcopy(scheduler)
 
 
 class O2MKDStableDiffusionPipeline(StableDiffusionPipeline):

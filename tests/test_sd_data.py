@@ -230,3 +230,18 @@ def test_tune_and_analyze_refuse_sd_teachers_in_one_line(tiny_sd_dir, prompts_fi
     r = run_cli(cmd, str(ROOT / "pipelines" / "tiny.yaml"), *args, *sets)
     assert r.returncode == 2 and "Stable Diffusion teachers are not supported" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "pndm"])
+def test_samples_png_compares_like_with_like(tiny_sd_dir, prompts_file, tmp_path, scheduler):
+    """samples.png's teacher row and a students row built from the teacher's own UNet are identical: the two
+    pipelines sample with the same scheduler config, noise and guidance."""
+    import copy
+
+    from o2mkd_ray.assemble import build_sd_pipeline, teacher_sd_pipeline, write_sd_samples
+
+    cfg = _sd_cfg(tiny_sd_dir, prompts_file, f"sampling.scheduler={scheduler}")
+    teacher = teacher_sd_pipeline(cfg)
+    pipe = build_sd_pipeline([copy.deepcopy(teacher.unet)], [0, 1000], teacher, scheduler)
+    out = write_sd_samples(cfg, teacher, pipe, PROMPTS[:2], tmp_path / "s.png")
+    assert out["pixel_mse_vs_teacher"] == 0.0 and (tmp_path / "s.png").is_file()
