@@ -245,3 +245,29 @@ def test_samples_png_compares_like_with_like(tiny_sd_dir, prompts_file, tmp_path
     pipe = build_sd_pipeline([copy.deepcopy(teacher.unet)], [0, 1000], teacher, scheduler)
     out = write_sd_samples(cfg, teacher, pipe, PROMPTS[:2], tmp_path / "s.png")
     assert out["pixel_mse_vs_teacher"] == 0.0 and (tmp_path / "s.png").is_file()
+
+
+def test_missing_clip_model_folder_is_refused(tiny_sd_dir, prompts_file, tmp_path):
+    sets = sum((["--set", o] for o in sd_overrides(tiny_sd_dir, prompts_file)), [])
+    r = run_cli("distill", str(ROOT / "pipelines" / "tiny.yaml"), *sets, "--set", "eval.clip_model=no/clip",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "eval.clip_model: folder 'no/clip' does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_refuses_prompts_for_an_unconditional_pipeline(tiny_unet_pipeline_dir):
+    r = run_cli("sample", str(tiny_unet_pipeline_dir), "--prompt", "a cat", "--steps", "2")
+    assert r.returncode == 2 and "this pipeline is unconditional; drop --prompt" in r.stderr, r.stderr
+
+
+@pytest.fixture()
+def tiny_unet_pipeline_dir(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from conftest import tiny_unet
+    from o2mkd_ray import MultiStudentUNet, O2MKDPipeline
+
+    d = tmp_path / "pipeline"
+    O2MKDPipeline(students=MultiStudentUNet([tiny_unet()], boundaries=[0, 1000]),
+                  scheduler=DDIMScheduler()).save_pretrained(d)
+    return d
