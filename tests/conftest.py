@@ -15,6 +15,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="o2r-hf-"))  # never the user's ~/.cache
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # 2 cores shared by several processes (Ray workers, servers): more torch threads than cores thrash badly
 torch.set_num_threads(1)
 

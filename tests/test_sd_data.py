@@ -271,3 +271,16 @@ def tiny_unet_pipeline_dir(tmp_path):
     O2MKDPipeline(students=MultiStudentUNet([tiny_unet()], boundaries=[0, 1000]),
                   scheduler=DDIMScheduler()).save_pretrained(d)
     return d
+
+
+def test_captions_from_an_hf_dataset(tmp_path):
+    """data.name: a Hugging Face dataset (here a local parquet dataset folder, loaded offline by `datasets`);
+    list-valued caption columns (COCO: several captions per image) give their first caption."""
+    from o2mkd_ray.data import check_data, read_captions
+
+    (tmp_path / "coco").mkdir()
+    pd.DataFrame({"caption": [["a cat", "a kitten"], ["a dog"], ["a bird"]],
+                  "text_id": [1, 2, 3]}).to_parquet(tmp_path / "coco" / "train.parquet")
+    d = _data(name=str(tmp_path / "coco"), split="train", max_prompts=2)
+    assert check_data(d) == []
+    assert read_captions(d)["caption"].tolist() == ["a cat", "a dog"]
