@@ -116,6 +116,12 @@ def _student_init(cfg: Config, teacher, n: int) -> list[dict]:
     return out
 
 
+# Extra Ray Train run callbacks given to every segment trainer this process starts (RunConfig(callbacks=...)).
+# Empty by default. A hook for o2mkd_ray.tuning: a Tune trial registers each of its trainers' controllers through
+# it, so that a trial stopped by the scheduler can abort its trainers before Tune frees the trial's resources.
+EXTRA_TRAIN_CALLBACKS: list = []
+
+
 def _trainer(cfg: Config, k: int, loop_config: dict, storage: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -140,6 +146,7 @@ def _trainer(cfg: Config, k: int, loop_config: dict, storage: str):
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep, checkpoint_score_attribute="step",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=r.max_failures),
+            callbacks=list(EXTRA_TRAIN_CALLBACKS) or None,
         ),
     )
 

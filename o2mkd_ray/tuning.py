@@ -28,6 +28,10 @@ the final report replaces ``quality`` by the objective (teacher-agreement ε MSE
 MSE), which is on another scale for ``fidelity``. ``cost`` = sampling MACs relative to the teacher, averaged
 over the timesteps (each segment's student MACs weighted by its share of ``[0, T)``).
 
+A trial runs its trainers without Train-level retries (``ray.max_failures = 0``) and, when the scheduler stops
+it, aborts them before Tune frees the trial's resources (see ``_stop_trial_trainers``), so that no worker-group
+placement group outlives a stopped trial.
+
 Outputs: ``OUT/tune/results.csv`` (one row per trial), ``OUT/tune/pareto.png`` (quality vs cost, Pareto
 front), ``OUT/tune/best.yaml`` (the best finished trial as a full, ready-to-run config).
 """
@@ -226,6 +230,183 @@ class _Progress:
                      **self.extra})
 
 
+# --- stopping a trial's trainers -------------------------------------------------------------------------------
+# When the scheduler (ASHA) stops a trial, Tune calls the trainable's stop() and, once it returns, removes the
+# trial's placement group, killing the trial actor and everything placed in it: the teacher actors, the progress
+# queue and the segments' Train controllers (0 CPU, captured into the trial's group). A controller killed that way
+# can leak its worker group's placement group (and its CPUs, for the rest of the search): one it was still waiting
+# for, or one it created to retry a worker that had just died (Train's PlacementGroupCleaner only learns of a group
+# once its workers are up). So a trial (1) runs its trainers with ``ray.max_failures = 0`` (no retry; start-up
+# timeouts of queued segments are not failures and still retry) and (2) aborts its controllers in the
+# trainable's cleanup(), which runs inside stop(), before Tune frees the group: ``TrainController.abort`` removes
+# the worker group and its placement group; a controller whose group is still pending removes it when its start-up
+# wait ends (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, lowered to 15 s in trials unless set) and then, seeing
+# the stop request, gives up instead of trying again (RegisterController.before_controller_execute_resize_decision).
+
+STOP_TIMEOUT_S = 30.0  # cleanup's wait for the aborted controllers, on top of the worker-group start-up timeout
+TRIAL_START_TIMEOUT_S = "15"
+_STOP_FILE = "stopped_trainers.json"  # written into the trial's folder by a cleanup that found live trainers
+_ACTIVE: dict = {}  # in a trial's process: the running trial's registry actor, teacher names, folder, flags
+
+
+class _ControllerRegistry:
+    """Ray actor (0 CPU, one per trial): the trial's live Train controllers, ``actor_id -> handle``."""
+
+    def __init__(self):
+        self.handles: dict = {}
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    def stopping(self) -> bool:
+        return self.stop_requested
+
+    def add(self, actor_id: str, handle) -> None:
+        self.handles[actor_id] = handle
+
+    def remove(self, actor_id: str) -> None:
+        self.handles.pop(actor_id, None)  # a finished run: drop the handle so that the controller can exit
+
+    def get(self) -> dict:
+        return dict(self.handles)
+
+
+@functools.cache
+def _register_controller_cls():
+    """A Train V2 ``ControllerCallback`` (defined lazily: Ray Train is heavy to import) that adds its controller
+    to the trial's :class:`_ControllerRegistry` at start and removes it when the run finishes."""
+    import ray
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class RegisterController(ControllerCallback):
+        def __init__(self, registry):
+            self.registry = registry
+
+        def after_controller_start(self, train_run_context) -> None:
+            ctx = ray.get_runtime_context()
+            try:
+                ray.get(self.registry.add.remote(ctx.get_actor_id(), ctx.current_actor), timeout=30)
+            except Exception as e:  # noqa: BLE001 - registration must never fail training
+                log.warning("could not register the Train controller with the trial: %s", e)
+
+        def before_controller_execute_resize_decision(self, resize_decision) -> None:
+            # Runs in the control loop before each attempt to start the worker group. A controller whose group is
+            # still waiting for CPUs never yields to an abort() call (that loop has no await), but its wait times
+            # out, removing the pending group, and comes back here: a stopped trial ends the run instead.
+            try:
+                stop = ray.get(self.registry.stopping.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - registry gone: the trial is gone
+                stop = True
+            if stop:
+                raise RuntimeError("the Tune trial was stopped: not starting the worker group")
+
+        def after_controller_finish(self, result) -> None:
+            try:
+                ray.get(self.registry.remove.remote(ray.get_runtime_context().get_actor_id()), timeout=30)
+            except Exception:  # noqa: BLE001
+                pass
+
+    return RegisterController
+
+
+def _start_trial_registry(out: Path, teacher_names: list[str]) -> None:
+    """In a trial: a controller registry, hooked into every segment trainer the trial starts."""
+    import ray
+
+    from . import driver
+
+    registry = ray.remote(num_cpus=0)(_ControllerRegistry).remote()
+    _ACTIVE.clear()
+    _ACTIVE.update(registry=registry, teachers=teacher_names, out=out, stopping=False)
+    driver.EXTRA_TRAIN_CALLBACKS[:] = [_register_controller_cls()(registry)]
+
+
+def _stop_trial_trainers(timeout_s: float | None = None) -> dict:
+    """Aborts the running trial's Train controllers and waits (bounded) until they are gone, then kills its
+    teacher actors and the registry. Runs in the trial's process (the trainable's cleanup); returns counts."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    from . import driver
+
+    if not _ACTIVE:
+        return {}
+    _ACTIVE["stopping"] = True
+    registry = _ACTIVE.get("registry")
+    if timeout_s is None:
+        timeout_s = STOP_TIMEOUT_S + float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    deadline = time.monotonic() + timeout_s
+    done: dict[str, str] = {}
+    if registry is not None:
+        try:
+            ray.get(registry.request_stop.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            log.warning("trial cleanup: cannot reach the controller registry: %s", e)
+    while registry is not None and time.monotonic() < deadline:
+        try:
+            live = ray.get(registry.get.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            log.warning("trial cleanup: cannot read the controller registry: %s", e)
+            break
+        new = {i: h for i, h in live.items() if i not in done}
+        if not new:
+            break
+        refs = {i: h.abort.remote() for i, h in new.items()}
+        for i, ref in refs.items():
+            try:
+                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+                done[i] = "ended"  # the run had ended (finished, or gave up starting: see RegisterController)
+            except RayActorError:
+                done[i] = "aborted"  # the controller removed its worker group, then exited
+            except GetTimeoutError:
+                done[i] = "timeout"
+                log.warning("trial cleanup: Train controller %s did not stop within %.0f s", i, timeout_s)
+            except Exception as e:  # noqa: BLE001
+                done[i] = "error"
+                log.warning("trial cleanup: aborting Train controller %s failed: %s", i, e)
+            if done[i] != "aborted":
+                try:
+                    ray.kill(new[i], no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+    for name in _ACTIVE.get("teachers", []):
+        try:
+            ray.kill(ray.get_actor(name), no_restart=True)
+        except Exception:  # noqa: BLE001 - not started or already gone
+            pass
+    if registry is not None:
+        try:
+            ray.kill(registry, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+    driver.EXTRA_TRAIN_CALLBACKS.clear()
+    counts = {s: list(done.values()).count(s) for s in ("aborted", "ended", "timeout", "error")}
+    if done and _ACTIVE.get("out") is not None:
+        try:
+            Path(_ACTIVE["out"]).mkdir(parents=True, exist_ok=True)
+            (Path(_ACTIVE["out"]) / _STOP_FILE).write_text(json.dumps(counts))
+        except OSError:
+            pass
+    _ACTIVE.clear()
+    return counts
+
+
+class _StopTrainersOnCleanup:
+    """Mixin for :func:`_trial`'s FunctionTrainable (``_trial.__mixins__``): stops the trial's trainers in
+    ``cleanup()``, which Tune runs (via ``stop()``) before it removes the trial's placement group."""
+
+    def cleanup(self):
+        try:
+            _stop_trial_trainers()
+        except Exception as e:  # noqa: BLE001 - never keep Tune from stopping the trial
+            log.warning("trial cleanup failed: %s", e)
+        finally:
+            super().cleanup()
+
+
 def _default_tracker(tracking_uri: str | None, cfg: Config, parent_run_id: str | None):
     from .tracking import RunTracker
 
@@ -236,8 +417,11 @@ def _trial(config: dict, ctx: dict) -> None:
     """Tune function trainable: one whole O2MKD run (all its segments' TorchTrainers) for one sampled config."""
     from ray import tune
 
+    import hashlib
+
     from .driver import run_distillation
     from .teacher import load_teacher, sample_shape
+    from .teacher_service import actor_names
 
     os.chdir(ctx["cwd"])  # Tune starts trials in their own folder; relative paths in the config mean the caller's
     trial_id = tune.get_context().get_trial_id()
@@ -246,6 +430,8 @@ def _trial(config: dict, ctx: dict) -> None:
     cfg.name = f"{cfg.name}-{trial_id}"
     cfg.eval.enabled = False  # the trial computes its own objective; no FID/latency pass per trial
     cfg.mlflow.log_pipeline = False  # a pyfunc model per trial would be heavy; best.yaml is the product
+    cfg.ray.max_failures = 0  # no Train retries in a trial: a retry racing a stop leaks a placement group
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", TRIAL_START_TIMEOUT_S)  # bounds cleanup's wait
     if cfg.ray.storage_path:  # trials must not share seg-KK trainer folders
         cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/tune-trials/{trial_id}"
     teacher, scheduler = load_teacher(cfg.teacher)
@@ -259,13 +445,18 @@ def _trial(config: dict, ctx: dict) -> None:
     extra = {"cost": cost["cost"], "n": cfg.segments.n, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
     progress = _Progress(cfg.segments.n, cfg.train.steps, extra, tune.report)
     s = ctx["search"]
+    run_id = hashlib.sha1(str(out.expanduser().resolve()).encode()).hexdigest()[:8]  # as driver._run_ray names them
+    _start_trial_registry(out, actor_names(run_id, cfg.teacher.replicas) if cfg.teacher.mode == "actor" else [])
     try:
         report = run_distillation(cfg, out, progress=False, on_progress=progress, tracker=tracker)
         obj = objective_value(cfg, out, s["objective"], teacher, scheduler, s["eval_samples"], s["eval_images"],
                               s["eval_steps"])
     except BaseException:
+        stopping = _ACTIVE.get("stopping", True)  # cleared by the cleanup: stopped by Tune too
         if tracker is not None:
-            tracker.finish("FAILED")
+            tracker.finish("KILLED" if stopping else "FAILED")
+        if stopping:
+            return  # stopped by the scheduler: the trainers were aborted on purpose
         raise
     lengths = np.diff(report["boundaries"])
     real_cost = float(sum(n * seg["macs"] for n, seg in zip(lengths, report["segments"]))
@@ -278,6 +469,9 @@ def _trial(config: dict, ctx: dict) -> None:
         tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "final"})
         tracker.finish("FINISHED")
     tune.report(final)
+
+
+_trial.__mixins__ = (_StopTrainersOnCleanup,)  # wrap_function builds the trial's FunctionTrainable with it
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -477,3 +477,125 @@ def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, t
     assert len(list((out / "tune" / "trials").iterdir())) == 2
     with pytest.raises(ConfigError, match="already holds a tune search"):
         run_tuning(cfg, space, out, resume=False)
+
+
+def test_asha_stopped_trials_release_all_cluster_resources(ray_local, tiny_overrides, tmp_path):
+    """A trial ASHA stops aborts its segments' trainers before Tune frees its placement group: afterwards all
+    CPUs are free, no placement group is left and no Train controller or teacher actor is alive (a killed
+    controller used to leak its worker group's placement group, starving later trials)."""
+    import time
+
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
+    from o2mkd_ray import config
+    from o2mkd_ray.tuning import run_tuning
+
+    space = {
+        "segments.n": {"choice": [1, 2]},
+        "students.width": {"per_segment_choice": [0.5, 1.0]},
+        # many reports (every 5 of 60 steps): a stopped trial's trainers are still running when Tune stops it
+        "budget": {"train.steps": 60, "train.checkpoint_every": 5, "ray.cpus_per_worker": 0.2,
+                   "teacher.num_cpus": 0.1},
+        "search": {"algorithm": "random", "scheduler": "asha", "num_samples": 4, "grace_period": 5,
+                   "reduction_factor": 4, "max_concurrent": 2, "eval_samples": 16, "seed": 0},
+    }
+    cfg = config.load(ROOT / "pipelines" / "tiny.yaml", [*tiny_overrides, "mlflow.enabled=false"])
+    out = tmp_path / "out"
+    df = run_tuning(cfg, space, out)
+    assert set(df["status"]) <= {"TERMINATED", "STOPPED"}, df.to_dict("records")
+    stopped = df[df["status"] == "STOPPED"]
+    assert len(stopped) >= 1, df[["trial_id", "status", "steps"]].to_dict("records")
+    # the stopped trials' cleanup aborted their still-running trainers, each within the time limit
+    files = [out / "tune" / "trials" / tid / "stopped_trainers.json" for tid in stopped["trial_id"]]
+    counts = [json.loads(f.read_text()) for f in files if f.is_file()]
+    assert sum(c["aborted"] for c in counts) >= 1, counts
+    assert all(c["timeout"] == c["error"] == 0 for c in counts), counts
+
+    total = ray.cluster_resources()["CPU"]
+    deadline, state = time.time() + 30, None
+    while time.time() < deadline:
+        pgs = [(p.placement_group_id, p.state) for p in list_placement_groups(limit=1000)
+               if p.state in ("CREATED", "PENDING", "RESCHEDULING")]
+        actors = [(a.class_name, a.name) for a in list_actors(limit=1000) if a.state != "DEAD"
+                  and (a.class_name in ("TrainController", "RayTrainWorker", "_Server", "_ControllerRegistry")
+                       or (a.name or "").startswith("o2mkd-teacher-"))]
+        state = (ray.available_resources().get("CPU", 0.0), pgs, actors)
+        if abs(state[0] - total) < 1e-6 and not pgs and not actors:
+            break
+        time.sleep(1)
+    assert abs(state[0] - total) < 1e-6 and not state[1] and not state[2], (total, state)
+
+
+def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
+    """A trial stopped while a segment trainer still waits for CPUs: the trial's cleanup makes the controller give
+    up, and its pending worker-group placement group is removed (killing the controller instead leaks that group:
+    it gets placed once CPUs free up and holds them for good)."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.state import list_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Trial:  # stands in for a Tune trial's actor: starts a trainer in a thread, then is stopped and killed
+        def start(self, storage: str) -> None:
+            import os
+            import threading
+            from pathlib import Path
+
+            os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
+            from ray.train import RunConfig, ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            from o2mkd_ray import driver, tuning
+
+            tuning._start_trial_registry(Path(storage), [])
+            trainer = TorchTrainer(lambda: None,
+                                   scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.5}),
+                                   run_config=RunConfig(name="pending", storage_path=storage,
+                                                        callbacks=list(driver.EXTRA_TRAIN_CALLBACKS)))
+            threading.Thread(target=lambda: self._fit(trainer), daemon=True).start()
+
+        def _fit(self, trainer):
+            try:
+                trainer.fit()
+            except Exception:  # noqa: BLE001 - the stopped run fails; that is the point
+                pass
+
+        def registered(self) -> int:
+            from o2mkd_ray import tuning
+
+            return len(ray.get(tuning._ACTIVE["registry"].get.remote()))
+
+        def stop(self) -> dict:
+            from o2mkd_ray import tuning
+
+            return tuning._stop_trial_trainers(timeout_s=60)
+
+    def live_pgs():
+        return [p.placement_group_id for p in list_placement_groups(limit=1000)
+                if p.state in ("CREATED", "PENDING", "RESCHEDULING")]
+
+    total = ray.cluster_resources()["CPU"]
+    hog = placement_group([{"CPU": 1.0}])  # leaves 1 CPU: the trainer's 1.5-CPU worker group stays pending
+    ray.get(hog.ready(), timeout=60)
+    trial = Trial.remote()
+    ray.get(trial.start.remote(str(tmp_path)))
+    deadline = time.time() + 60
+    while time.time() < deadline and not (ray.get(trial.registered.remote()) == 1 and len(live_pgs()) >= 2):
+        time.sleep(0.5)
+    assert len(live_pgs()) >= 2, live_pgs()  # the hog and the pending worker group
+    counts = ray.get(trial.stop.remote(), timeout=120)
+    assert counts["timeout"] == counts["error"] == 0 and counts["aborted"] + counts["ended"] == 1, counts
+    ray.kill(trial)  # as Tune removes a stopped trial's placement group
+    remove_placement_group(hog)
+    deadline, state = time.time() + 30, None
+    while time.time() < deadline:
+        state = (ray.available_resources().get("CPU", 0.0), live_pgs())
+        if abs(state[0] - total) < 1e-6 and not state[1]:
+            break
+        time.sleep(1)
+    time.sleep(3)  # a leaked group would be placed right after the hog went
+    state = (ray.available_resources().get("CPU", 0.0), live_pgs())
+    assert abs(state[0] - total) < 1e-6 and not state[1], (total, state)
