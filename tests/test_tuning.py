@@ -479,6 +479,7 @@ def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, t
         run_tuning(cfg, space, out, resume=False)
 
 
+@pytest.mark.slow
 def test_asha_stopped_trials_release_all_cluster_resources(ray_local, tiny_overrides, tmp_path):
     """A trial ASHA stops aborts its segments' trainers before Tune frees its placement group: afterwards all
     CPUs are free, no placement group is left and no Train controller or teacher actor is alive (a killed
