@@ -118,12 +118,9 @@ def save_grid(rows: list[np.ndarray], labels: list[str], path: str | Path, title
 
 def costs(model: nn.Module, shape, seq_len: int = 77) -> dict:
     """Parameters and MACs of one forward at batch 1; a text-conditioned UNet sees ``seq_len`` text tokens."""
-    from .kd import dummy_cond
     from .students import count_macs, count_params
 
-    cond = dummy_cond(model, 1, seq_len)
-    kw = {} if cond is None else {"encoder_hidden_states": cond}
-    return {"params": int(count_params(model)), "macs": int(count_macs(model, (1, *shape), **kw))}
+    return {"params": int(count_params(model)), "macs": int(count_macs(model, (1, *shape), seq_len=seq_len))}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,35 +149,30 @@ def build_sd_pipeline(students: list[nn.Module], boundaries, teacher_pipe, sched
     return O2MKDStableDiffusionPipeline.from_teacher(teacher_pipe, multi, scheduler=sampler)
 
 
-def sampling_prompts(cfg: Config) -> list[str]:
-    """``sampling.prompts``, else the first ``sampling.num_images`` captions of the data."""
-    if cfg.sampling.prompts:
-        return list(cfg.sampling.prompts)
-    from .data import read_captions
+def sampling_prompts(cfg: Config, n: int | None = None) -> list[str]:
+    """``sampling.prompts`` topped up with the data's first captions to ``n`` prompts; by default all of
+    ``sampling.prompts``, or the first ``sampling.num_images`` captions when there are none."""
+    prompts = list(cfg.sampling.prompts or [])
+    want = n if n is not None else (len(prompts) or cfg.sampling.num_images)
+    if len(prompts) < want:
+        from .data import read_captions
 
-    return read_captions(cfg.data)["caption"].head(cfg.sampling.num_images).tolist()
-
-
-@torch.no_grad()
-def sd_images(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: int,
-              negative_prompt: str | None = None) -> np.ndarray:
-    """``(N, H, W, 3)`` in [0, 1]: image i from ``torch.Generator().manual_seed(seed + i)`` (same noise per prompt
-    for teacher and students, whatever the batch)."""
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                output_type="np").images
+        prompts += read_captions(cfg.data)["caption"].head(want - len(prompts)).tolist()
+    return prompts[:want]
 
 
 def write_sd_samples(cfg: Config, teacher_pipe, pipe, prompts: list[str], path) -> dict:
     """``samples.png`` of a text-to-image run: teacher (top) and students (bottom), same prompts, noise, guidance."""
+    from .sd_eval import sample_images
+
     sm = cfg.sampling
     pipe.set_progress_bar_config(disable=True)
     # an identical copy of the students' scheduler: StableDiffusionPipeline.__init__ normalised it (clip_sample,
     # steps_offset), and from_config(its config) would restore the defaults it lists in _use_default_values
     teacher_pipe.scheduler = copy.deepcopy(pipe.scheduler)
-    t_img = sd_images(teacher_pipe, prompts, sm.steps, sm.guidance_scale, sm.seed, sm.negative_prompt)
-    s_img = sd_images(pipe, prompts, sm.steps, sm.guidance_scale, sm.seed, sm.negative_prompt)
+    kw = {"steps": sm.steps, "guidance_scale": sm.guidance_scale, "seed": sm.seed,
+          "negative_prompt": sm.negative_prompt}
+    t_img, s_img = sample_images(teacher_pipe, prompts, **kw), sample_images(pipe, prompts, **kw)
     mse = float(np.mean((t_img - s_img) ** 2))
     save_grid([t_img, s_img], ["teacher", f"O2MKD students (N={pipe.unet.num_students})"], path,
               title=f"{sm.scheduler} {sm.steps} steps, guidance {sm.guidance_scale}, same noise; pixel MSE {mse:.4f}")

@@ -181,7 +181,7 @@ def _sample(args) -> int:
 
     import torch
 
-    from .assemble import make_scheduler, save_grid, sd_images
+    from .assemble import make_scheduler, save_grid
     from .pipeline import O2MKDPipeline
     from .sd_pipeline import O2MKDStableDiffusionPipeline
 
@@ -204,8 +204,10 @@ def _sample(args) -> int:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if text:
         pipe.set_progress_bar_config(disable=True)
-        rows = [sd_images(pipe, [p] * args.num_images, args.steps, args.guidance_scale, args.seed,
-                          args.negative_prompt) for p in args.prompt]
+        from .sd_eval import sample_images
+
+        rows = [sample_images(pipe, [p] * args.num_images, steps=args.steps, guidance_scale=args.guidance_scale,
+                              seed=args.seed, negative_prompt=args.negative_prompt) for p in args.prompt]
         save_grid(rows, [f"{p!r}, guidance {args.guidance_scale}" for p in args.prompt], out,
                   title=f"{type(pipe.scheduler).__name__} {args.steps} steps")
     else:

@@ -229,8 +229,8 @@ def read_captions(d: DataConfig):
         df = pd.DataFrame({"caption": [c[0] if isinstance(c, (list, tuple)) else str(c) for c in caps]})
         if d.image_key in base.column_names:
             df["image"] = list(base[d.image_key])
-    df["caption"] = df["caption"].astype(str) if len(df) else df.get("caption", pd.Series(dtype=str))
-    df = df[df["caption"].str.strip() != ""].reset_index(drop=True) if len(df) else pd.DataFrame({"caption": []})
+    df["caption"] = df["caption"].astype(str)  # an empty frame's column is float: make it str for .str
+    df = df[df["caption"].str.strip() != ""].reset_index(drop=True)
     return df.head(n) if n is not None else df
 
 

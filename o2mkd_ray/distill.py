@@ -24,6 +24,7 @@ from .config import Config
 from .data import random_flip
 from .kd import FeatureHooks, KDLoss, hookable_blocks, probe_feature_channels
 from .segments import Segments
+from .teacher import cond_kwargs
 
 TeacherCallable = Callable[..., tuple[torch.Tensor, dict | None]]
 TRAIN_STATE = "train_state.pt"
@@ -101,8 +102,7 @@ class SegmentDistiller:
         return torch.where(drop.view(-1, 1, 1), self.uncond.to(cond.dtype).expand_as(cond), cond)
 
     def _forward(self, model: nn.Module, x_t, t, cond=None):
-        kw = {} if cond is None else {"encoder_hidden_states": cond.to(self.device)}
-        out = model(x_t.to(self.device), t.to(self.device), **kw)
+        out = model(x_t.to(self.device), t.to(self.device), **cond_kwargs(cond, self.device))
         return out.sample if hasattr(out, "sample") else out
 
     def train_step(self, x_t, t, eps, eps_T, feats_T=None, cond=None) -> dict[str, float]:

@@ -279,6 +279,11 @@ def _prepare_run(cfg: Config, out, tracker):
     return out, teacher, scheduler, shape, segments
 
 
+def teacher_run_id(out: str | Path) -> str:
+    """The id in the run's teacher actor names (``teacher_service.actor_names``): stable per resolved --out."""
+    return hashlib.sha1(str(Path(out).expanduser().resolve()).encode()).hexdigest()[:8]
+
+
 def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
     """The Ray part of :func:`run_distillation`: teacher actors, N concurrent TorchTrainers, assembly."""
     import ray
@@ -295,7 +300,7 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker) -> dict:
         tracker.log_dict({"ray_address": address}, "ray.json")
     phases["ray_init_s"] = time.time() - t_start - sum(phases.values())
     storage = cfg.ray.storage_path or str(out / "ray")
-    run_id = hashlib.sha1(str(out).encode()).hexdigest()[:8]
+    run_id = teacher_run_id(out)
     handles = []
     try:
         todo = [k for k in range(segments.n) if _finished(out, k) is None]
@@ -443,8 +448,8 @@ def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, s
 
     summaries = [_finished(out, k) for k in range(segments.n)]
     students = [load_student(out / "segments" / f"seg-{k:02d}", use_ema=True) for k in range(segments.n)]
-    seq_len = 77
-    if _is_sd(cfg):  # text-to-image: the students share the teacher's VAE, text encoder and tokenizer
+    seq_len, sd = 77, _is_sd(cfg)
+    if sd:  # text-to-image: the students share the teacher's VAE, text encoder and tokenizer
         from .assemble import build_sd_pipeline, sampling_prompts, teacher_sd_pipeline, write_sd_samples
 
         teacher_pipe = teacher_sd_pipeline(cfg, teacher)
@@ -458,7 +463,7 @@ def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, s
     for k, (s, st) in enumerate(zip(summaries, students)):
         seg_reports.append({**{key: v for key, v in s.items() if key != "history"}, **costs(st, shape, seq_len)})
     t0 = time.time()
-    if _is_sd(cfg):
+    if sd:
         samples = write_sd_samples(cfg, teacher_pipe, pipe, sampling_prompts(cfg), out / "samples.png")
     else:
         samples = write_samples(cfg, teacher, pipe, scheduler.config, shape, out / "samples.png")
@@ -498,7 +503,7 @@ def _run_local(cfg: Config, out, progress: bool, tracker) -> dict:
         from .sd import cond_dataset
 
         cond = _cond_data(cfg, out, teacher, scheduler, lt)
-        dataset, uncond = cond_dataset(cond), torch.from_numpy(cond["uncond"].copy())
+        dataset, uncond = cond_dataset(cond)
     else:
         dataset = build_dataset(cfg.data)
     students = build_students(cfg, teacher, segments.n)

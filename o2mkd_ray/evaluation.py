@@ -433,15 +433,11 @@ def evaluate_sd_run(out: Path, cfg, num_images: int, steps: int, *, latency_repe
     on ``num_images`` prompts (``sampling.prompts``, then the data's captions) with the same noise and guidance;
     pixel MSE/PSNR, FID/KID students vs teacher, CLIP score (``eval.clip_model``), MACs and wall-time ratios.
     Writes ``OUT/eval/{samples.png, metrics.json, report.json}``."""
-    from .assemble import teacher_sd_pipeline
-    from .data import read_captions
+    from .assemble import sampling_prompts, teacher_sd_pipeline
     from .sd_eval import evaluate_sd  # samples both with a copy of the students' scheduler
     from .sd_pipeline import O2MKDStableDiffusionPipeline
 
-    prompts = list(cfg.sampling.prompts or [])
-    if len(prompts) < num_images:
-        prompts += read_captions(cfg.data)["caption"].head(num_images - len(prompts)).tolist()
-    prompts = prompts[:num_images]
+    prompts = sampling_prompts(cfg, num_images)
     pipe = O2MKDStableDiffusionPipeline.from_pretrained(out / "pipeline").to(device)
     pipe.set_progress_bar_config(disable=True)
     teacher = teacher_sd_pipeline(cfg).to(device)

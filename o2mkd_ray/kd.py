@@ -119,15 +119,15 @@ class FeatureHooks:
         self.remove()
 
 
-def dummy_cond(model: nn.Module, batch: int = 1, seq_len: int = 1) -> Tensor | None:
-    """Zero text embeddings ``(batch, seq_len, cross_attention_dim)`` for probing a conditional UNet; None for an
-    unconditional one. Feature shapes do not depend on ``seq_len``."""
+def dummy_cond(model: nn.Module, batch: int = 1) -> Tensor | None:
+    """Zero text embeddings ``(batch, 1, cross_attention_dim)`` for probing a conditional UNet's feature shapes
+    (they do not depend on the text length); None for an unconditional one."""
     cfg = getattr(model, "config", None)
     dim = cfg.get("cross_attention_dim") if hasattr(cfg, "get") else None
     if not dim:
         return None
     p = next(model.parameters())
-    return torch.zeros(batch, seq_len, int(dim), device=p.device, dtype=p.dtype)
+    return torch.zeros(batch, 1, int(dim), device=p.device, dtype=p.dtype)
 
 
 def _call(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:

@@ -70,15 +70,12 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], batch_size: int 
     """Text embeddings ``(N, L, D)`` exactly as ``StableDiffusionPipeline.encode_prompt`` makes them (clip_skip None)."""
     device = next(text_encoder.parameters()).device
     out = []
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
     for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(list(prompts[i:i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            mask = tokenizer(list(prompts[i:i + batch_size]), padding="max_length",
-                             max_length=tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").attention_mask.to(device)
-        out.append(text_encoder(ids.to(device), attention_mask=mask)[0].float().cpu())
+        tok = tokenizer(list(prompts[i:i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(device) if use_mask else None
+        out.append(text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -287,10 +284,12 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
 
 
 def cond_dataset(cond_data: dict):
-    """A TensorDataset of ``(x_0 latent (C, h, w), text embedding (L, D))`` from :func:`build_cond_data`'s output.
+    """From :func:`build_cond_data`'s output: a TensorDataset of ``(x_0 latent (C, h, w), text embedding (L, D))``
+    and the empty prompt's embedding ``(1, L, D)`` (the condition dropout's stand-in).
 
-    No copy: arrays fetched from Ray's object store are read-only views of shared memory, so every worker on a node
-    shares one copy (COCO30K at SD 1.x size: 2 GB of latents + 7 GB of embeddings); batches are new tensors anyway.
+    No copy of the dataset: arrays fetched from Ray's object store are read-only views of shared memory, so every
+    worker on a node shares one copy (COCO30K at SD 1.x size: 2 GB of latents + 7 GB of embeddings); batches are
+    new tensors anyway.
     """
     import warnings
 
@@ -298,7 +297,8 @@ def cond_dataset(cond_data: dict):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return TensorDataset(torch.from_numpy(cond_data["latents"]), torch.from_numpy(cond_data["embeds"]))
+        data = TensorDataset(torch.from_numpy(cond_data["latents"]), torch.from_numpy(cond_data["embeds"]))
+    return data, torch.from_numpy(cond_data["uncond"].copy())
 
 
 if __name__ == "__main__":  # python -m o2mkd_ray.sd FOLDER: write the tiny offline SD folder (pipelines/sd_tiny.yaml)

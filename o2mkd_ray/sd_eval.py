@@ -137,16 +137,28 @@ def _generators(seed: int, start: int, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
 
 
-def _sample(pipe, prompts, *, steps, guidance_scale, negative_prompt, seed, batch_size, height, width,
-            start: int = 0) -> np.ndarray:
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], *, steps: int, guidance_scale: float, seed: int,
+                  negative_prompt: str | list[str] | None = None, batch_size: int | None = None,
+                  height: int | None = None, width: int | None = None) -> np.ndarray:
+    """``(N, H, W, 3)`` in [0, 1]: image i of ``prompts[i]`` from ``torch.Generator().manual_seed(seed + i)``, so
+    teacher and students start from the same latents whatever the batch split.
+
+    Args:
+        negative_prompt: one for all prompts, or one per prompt.
+        batch_size: prompts per pipeline call (default: all in one call).
+    """
+    n = len(prompts)
+    neg = [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt
+    step = batch_size or max(1, n)
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        neg = None if negative_prompt is None else negative_prompt[start + i:start + i + len(chunk)]
-        out.append(pipe(prompt=chunk, negative_prompt=neg, num_inference_steps=steps,
-                        guidance_scale=guidance_scale, generator=_generators(seed, start + i, len(chunk)),
-                        height=height, width=width, output_type="np").images)
-    return np.concatenate(out)  # (N, H, W, 3) in [0, 1]
+    for i in range(0, n, step):
+        chunk = list(prompts[i:i + step])
+        out.append(pipe(prompt=chunk, negative_prompt=None if neg is None else neg[i:i + len(chunk)],
+                        num_inference_steps=steps, guidance_scale=guidance_scale,
+                        generator=_generators(seed, i, len(chunk)), height=height, width=width,
+                        output_type="np").images)
+    return np.concatenate(out)
 
 
 def _macs_report(teacher_pipe, student_pipe, scheduler, steps: int, cfg: bool) -> dict:
@@ -300,14 +312,14 @@ def evaluate_sd(teacher_pipe, student_pipe, prompts: list[str], *, steps: int = 
 
     with _sampling_state(teacher_pipe, fresh()), \
             _sampling_state(student_pipe, fresh()):
-        t_img = _sample(teacher_pipe, prompts, **kw)
+        t_img = sample_images(teacher_pipe, prompts, **kw)
         timings["teacher_sampling_s"] = time.perf_counter() - t0
-        s_img = _sample(student_pipe, prompts, **kw)
+        s_img = sample_images(student_pipe, prompts, **kw)
         timings["student_sampling_s"] = time.perf_counter() - t0 - timings["teacher_sampling_s"]
         m = min(n, batch_size)
         lat = None
         if latency_repeats > 0:
-            lat = _latency(teacher_pipe, student_pipe, lambda p: len(_sample(p, prompts[:m], **kw)),
+            lat = _latency(teacher_pipe, student_pipe, lambda p: len(sample_images(p, prompts[:m], **kw)),
                            latency_repeats)
 
     mse = ((t_img.astype(np.float64) - s_img.astype(np.float64)) ** 2).reshape(n, -1).mean(1)

@@ -82,8 +82,12 @@ def train_loop_per_worker(config: dict) -> dict:
         teacher = LocalTeacher(TeacherFn(model.to(device), config.get("feature_blocks")))
 
     wrap = (lambda m: ray.train.torch.prepare_model(m)) if world > 1 else None
-    cond_data = ray.get(config["cond_data"][0]) if config.get("cond_data") else None  # text-to-image runs
-    uncond = torch.from_numpy(cond_data["uncond"].copy()) if cond_data else None
+    if config.get("cond_data"):  # text-to-image: the driver's cached latents + text embeddings
+        from .sd import cond_dataset
+
+        dataset, uncond = cond_dataset(ray.get(config["cond_data"][0]))
+    else:
+        dataset, uncond = build_dataset(cfg.data), None
     dist = SegmentDistiller(cfg, k, segments, scheduler, student, config.get("teacher_channels"), wrap=wrap,
                             rank=rank, device=device, uncond=uncond)
     start_step = 0
@@ -91,12 +95,6 @@ def train_loop_per_worker(config: dict) -> dict:
     if ckpt is not None:
         start_step = _restore(dist, ckpt, cfg)
 
-    if cond_data:  # cached latents + text embeddings from the driver (o2mkd_ray.sd.build_cond_data)
-        from .sd import cond_dataset
-
-        dataset = cond_dataset(cond_data)
-    else:
-        dataset = build_dataset(cfg.data)
     per_worker = max(1, cfg.train.batch_size // world)
     loader = make_loader(dataset, per_worker, cfg.train.seed + k)
     if world > 1:

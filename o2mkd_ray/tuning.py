@@ -417,9 +417,7 @@ def _trial(config: dict, ctx: dict) -> None:
     """Tune function trainable: one whole O2MKD run (all its segments' TorchTrainers) for one sampled config."""
     from ray import tune
 
-    import hashlib
-
-    from .driver import run_distillation
+    from .driver import run_distillation, teacher_run_id
     from .teacher import load_teacher, sample_shape
     from .teacher_service import actor_names
 
@@ -445,8 +443,8 @@ def _trial(config: dict, ctx: dict) -> None:
     extra = {"cost": cost["cost"], "n": cfg.segments.n, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
     progress = _Progress(cfg.segments.n, cfg.train.steps, extra, tune.report)
     s = ctx["search"]
-    run_id = hashlib.sha1(str(out.expanduser().resolve()).encode()).hexdigest()[:8]  # as driver._run_ray names them
-    _start_trial_registry(out, actor_names(run_id, cfg.teacher.replicas) if cfg.teacher.mode == "actor" else [])
+    teachers = actor_names(teacher_run_id(out), cfg.teacher.replicas) if cfg.teacher.mode == "actor" else []
+    _start_trial_registry(out, teachers)
     try:
         report = run_distillation(cfg, out, progress=False, on_progress=progress, tracker=tracker)
         obj = objective_value(cfg, out, s["objective"], teacher, scheduler, s["eval_samples"], s["eval_images"],
