@@ -3,9 +3,9 @@
 What it measures: one config (default ``pipelines/digits.yaml``: the embedded digits teacher, N=3 students of
 width 0.5; ``--steps`` steps per segment) run twice in this process,
 
-  local  ``o2mkd_ray.driver.run_local``: no Ray, the segments one after another, the teacher in-process,
+  local  ``o2mkd_ray.engine.session.run_local``: no Ray, the segments one after another, the teacher in-process,
          torch using ``--threads`` threads (default: all cores)
-  ray    ``o2mkd_ray.driver.run_distillation``: an embedded local Ray, the teacher as a shared actor, one
+  ray    ``o2mkd_ray.engine.driver.run_distillation``: an embedded local Ray, the teacher as a shared actor, one
          TorchTrainer per segment, all in flight at once; Ray's processes take OMP_NUM_THREADS from their CPU
          share (this script unsets the variable while Ray starts)
 
@@ -89,7 +89,8 @@ def summarize(report: dict, wall_s: float, batch: int) -> dict:
 def run_engine(engine: str, cfg, out: Path, threads: int) -> dict:
     import torch
 
-    from o2mkd_ray.driver import run_distillation, run_local
+    from o2mkd_ray.engine.driver import run_distillation
+    from o2mkd_ray.engine.session import run_local
 
     saved = {v: os.environ.get(v) for v in _THREAD_VARS}
     t0 = time.perf_counter()
@@ -115,14 +116,14 @@ def main(argv=None) -> dict:
     import pandas as pd
     import torch
 
-    from o2mkd_ray import config as C
+    from o2mkd_ray.config.loading import load_config
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     print(f"torch threads (this process, local engine): {torch.get_num_threads()} (--threads {args.threads}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} cores)")
     overrides = [f"train.steps={args.steps}", "mlflow.enabled=false", "eval.enabled=false", *args.overrides]
-    cfg = C.load(args.config, overrides)
+    cfg = load_config(args.config, overrides)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     out = args.out or Path(tempfile.mkdtemp(prefix="o2mkd-bench-orch-"))
     for e in engines:

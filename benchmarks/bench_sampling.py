@@ -11,7 +11,7 @@ What it measures: the wall time of one whole DDIM sampling run (``--batch`` imag
 
 on the google/ddpm-cifar10-32 UNet shape (random weights: only the timing matters). Each repetition runs every
 variant once, in a rotated order (interleaved), after one warm-up run of each; medians are reported. MACs come
-from ``o2mkd_ray.students.count_macs`` (batch 1), per step averaged over the students the run visits.
+from ``o2mkd_ray.core.costs.count_macs`` (batch 1), per step averaged over the students the run visits.
 
 Target: speedup (teacher_o2mkd time / students time) >= 0.85 x (teacher MACs / student MACs) at batch 16 on
 CPU, i.e. the printed ``efficiency`` = speedup / (teacher MACs / student MACs) >= 0.85.
@@ -71,7 +71,8 @@ def build(args):
     from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
     from o2mkd_ray import MultiStudentUNet, O2MKDPipeline, Segments
-    from o2mkd_ray.students import build_student, count_macs, count_params
+    from o2mkd_ray.core.costs import count_macs, count_params
+    from o2mkd_ray.core.students import build_student
 
     widths = [float(w) for w in str(args.width).split(",")]
     if len(widths) == 1:

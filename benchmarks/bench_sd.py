@@ -11,7 +11,7 @@ steps and classifier-free guidance (two UNet branches per step):
 
 Each repetition times every pipeline once in rotated order (interleaved) after a warm-up; medians are reported.
 ``--run OUT`` adds the students of a finished text-to-image distill run (``OUT/pipeline``) against their own
-teacher. Sizes: ``tiny`` is the test folder of ``o2mkd_ray.sd.make_tiny_sd`` (0.28 M UNet parameters);
+teacher. Sizes: ``tiny`` is the test folder of ``o2mkd_ray.core.fixtures.make_tiny_sd`` (0.28 M UNet parameters);
 ``small`` the same layout at 3 stages x (64, 128, 256) channels, 32x32 latents (UNet compute dominates).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sd.py --size small            # 20 steps, batch 4
@@ -67,11 +67,12 @@ def main(argv=None) -> int:
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
-    from o2mkd_ray.multi_unet import MultiStudentUNet
-    from o2mkd_ray.sd import make_tiny_sd
-    from o2mkd_ray.sd_pipeline import O2MKDStableDiffusionPipeline
-    from o2mkd_ray.segments import Segments
-    from o2mkd_ray.students import build_student, count_macs, count_params
+    from o2mkd_ray.core.costs import count_macs, count_params
+    from o2mkd_ray.core.fixtures import make_tiny_sd
+    from o2mkd_ray.core.segments import Segments
+    from o2mkd_ray.core.students import build_student
+    from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
+    from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
 
     args = parse_args(argv)
     dlogging.disable_progress_bar()

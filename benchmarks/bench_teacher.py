@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from o2mkd_ray.config import TeacherConfig
+    from o2mkd_ray.config.schema import TeacherConfig
 
     d = TeacherConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -103,7 +103,7 @@ def part_a(args, tcfg, shape, fn) -> dict:
     """In-process TeacherFn against the actor round trip, interleaved."""
     import ray
 
-    from o2mkd_ray.teacher_service import TeacherClient, actor_names, start_teacher
+    from o2mkd_ray.engine.teacher_service import TeacherClient, actor_names, start_teacher
 
     (handle,) = start_teacher(tcfg, "bench-a", None)
     client = TeacherClient(actor_names("bench-a", 1), client="bench-a")
@@ -128,7 +128,7 @@ def part_b(args, tcfg, shape) -> dict:
     """``--callers`` concurrent clients against one fresh teacher actor; the batches it formed."""
     import ray
 
-    from o2mkd_ray.teacher_service import actor_names, start_teacher
+    from o2mkd_ray.engine.teacher_service import actor_names, start_teacher
 
     (handle,) = start_teacher(tcfg, "bench-b", None)
     names = actor_names("bench-b", 1)
@@ -138,7 +138,7 @@ def part_b(args, tcfg, shape) -> dict:
         """One "segment": a TeacherClient looping on its own batch."""
 
         def __init__(self, k: int):
-            from o2mkd_ray.teacher_service import TeacherClient
+            from o2mkd_ray.engine.teacher_service import TeacherClient
 
             self.client = TeacherClient(names, seed=k, client=f"seg-{k:02d}")
             self.x_t, self.t = _inputs(args.batch, shape, k)
@@ -176,8 +176,8 @@ def main(argv=None) -> dict:
     import ray
     import torch
 
-    from o2mkd_ray.config import TeacherConfig
-    from o2mkd_ray.teacher import TeacherFn, load_teacher, sample_shape
+    from o2mkd_ray.config.schema import TeacherConfig
+    from o2mkd_ray.core.teacher import TeacherFn, load_teacher, sample_shape
 
     torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()} here and OMP_NUM_THREADS={args.threads} in Ray's "

@@ -48,7 +48,7 @@ def tiny_teacher(path: Path) -> Path:
 
 def teacher_overrides(spec: str, out: Path) -> tuple[list[str], str]:
     """``--set`` overrides selecting the teacher, and a line saying which one it is."""
-    from o2mkd_ray.teacher import EMBEDDED_TEACHER
+    from o2mkd_ray.core.teacher import EMBEDDED_TEACHER
 
     if spec == "embedded":
         if not any((EMBEDDED_TEACHER / sub / "config.json").is_file() for sub in ("unet", "")):
@@ -72,14 +72,14 @@ def thirds_agreement(run: Path, num_samples: int, seed: int) -> list[float]:
     """ε MSE against the teacher on [0, T/3), [T/3, 2T/3), [2T/3, T), for any number of students."""
     import torch
 
-    from o2mkd_ray import config as C
-    from o2mkd_ray.data import build_dataset
-    from o2mkd_ray.evaluation import segment_summary, teacher_agreement
-    from o2mkd_ray.pipeline import O2MKDPipeline
-    from o2mkd_ray.segments import Segments
-    from o2mkd_ray.teacher import eps_of, load_teacher
+    from o2mkd_ray.config.loading import from_dict
+    from o2mkd_ray.core.segments import Segments
+    from o2mkd_ray.core.teacher import eps_of, load_teacher
+    from o2mkd_ray.data.build import build_dataset
+    from o2mkd_ray.eval.metrics import segment_summary, teacher_agreement
+    from o2mkd_ray.pipelines.unconditional import O2MKDPipeline
 
-    cfg = C.from_dict(json.loads((run / "config.json").read_text()))
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
     teacher, sched = load_teacher(cfg.teacher)
     multi = O2MKDPipeline.from_pretrained(run / "pipeline").students
     thirds = Segments.uniform(sched.config.num_train_timesteps, 3)  # groups samples; multi still routes
@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from o2mkd_ray import config as C
-    from o2mkd_ray.driver import run_local
-    from o2mkd_ray.evaluation import evaluate_run
+    from o2mkd_ray.config.loading import load_config
+    from o2mkd_ray.engine.session import run_local
+    from o2mkd_ray.eval.evaluate import evaluate_run
 
     out = Path(args.out).expanduser().resolve()
     t_over, t_note = teacher_overrides(args.teacher, out)  # exits before creating OUT when there is none
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         over = [*t_over, *args.overrides, f"name={name}", f"segments.n={n}", "segments.boundaries=null",
                 "segments.fractions=null", f"students.width={args.width}", f"train.steps={steps}",
                 "mlflow.enabled=false"]
-        cfg = C.load(args.config, over)
+        cfg = load_config(args.config, over)
         print(f"[{name}] distilling: N={n}, {steps} steps per student", flush=True)
         run = run_local(cfg, out / name, progress=False)
         train_s = sum(s["finished_at"] - s["started_at"] for s in run["segments"])  # also right on resume

@@ -1,6 +1,11 @@
 """o2mkd-ray: one-to-many knowledge distillation (O2MKD) of diffusion models on Ray.
 
-The public names load lazily (module ``__getattr__``, PEP 562) so that ``import o2mkd_ray`` stays cheap:
+The package is layered; each layer imports only the layers below it (``import-linter`` contracts in
+``pyproject.toml`` keep it so):
+
+    cli → tune → engine → eval | tracking → distill → pipelines → data → core → config → errors
+
+The public names below load lazily (module ``__getattr__``, PEP 562) so that ``import o2mkd_ray`` stays cheap:
 the CLI and Ray workers that never sample do not pay for torch/diffusers imports here.
 """
 
@@ -9,16 +14,19 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Segments": "o2mkd_ray.segments",
-    "MultiStudentUNet": "o2mkd_ray.multi_unet",
-    "O2MKDPipeline": "o2mkd_ray.pipeline",
-    "O2MKDStableDiffusionPipeline": "o2mkd_ray.sd_pipeline",
-    "evaluate_sd": "o2mkd_ray.sd_eval",
-    "clip_score": "o2mkd_ray.sd_eval",
+    "Segments": "o2mkd_ray.core.segments",
+    "MultiStudentUNet": "o2mkd_ray.pipelines.multi_unet",
+    "O2MKDPipeline": "o2mkd_ray.pipelines.unconditional",
+    "O2MKDStableDiffusionPipeline": "o2mkd_ray.pipelines.stable_diffusion",
+    "load_config": "o2mkd_ray.config.loading",
+    "run_distillation": "o2mkd_ray.engine.driver",
+    "evaluate_run": "o2mkd_ray.eval.evaluate",
+    "evaluate_sd": "o2mkd_ray.eval.text_to_image",
+    "clip_score": "o2mkd_ray.eval.text_to_image",
 }
 
 __all__ = ["MultiStudentUNet", "O2MKDPipeline", "O2MKDStableDiffusionPipeline", "Segments", "clip_score",
-           "evaluate_sd", "__version__"]
+           "evaluate_run", "evaluate_sd", "load_config", "run_distillation", "__version__"]
 
 
 def __getattr__(name: str):

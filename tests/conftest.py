@@ -82,7 +82,7 @@ PROMPTS = ["a red square", "a blue circle", "a green triangle", "a yellow star",
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """A tiny random Stable Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), built offline."""
-    from o2mkd_ray.sd import make_tiny_sd
+    from o2mkd_ray.core.fixtures import make_tiny_sd
 
     d = tmp_path_factory.mktemp("sd") / "tiny_sd"
     make_tiny_sd(d)

@@ -1,0 +1,137 @@
+"""Feature hooks on UNet blocks: which blocks, their outputs during a forward, their channel counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Self
+
+import torch
+from torch import Tensor, nn
+
+
+def hookable_blocks(model: nn.Module) -> list[str]:
+    """Names of the UNet blocks whose outputs feature KD can match, in forward order.
+
+    Args:
+        model: a diffusers UNet (``down_blocks``, ``mid_block``, ``up_blocks``) or any module.
+    Returns:
+        ``["down_blocks.0", ..., "mid_block", "up_blocks.0", ...]``; ``[]`` for a module without these blocks.
+    """
+    names: list[str] = []
+    down, mid, up = (getattr(model, a, None) for a in ("down_blocks", "mid_block", "up_blocks"))
+    if isinstance(down, nn.ModuleList):
+        names += [f"down_blocks.{i}" for i in range(len(down))]
+    if isinstance(mid, nn.Module):
+        names.append("mid_block")
+    if isinstance(up, nn.ModuleList):
+        names += [f"up_blocks.{i}" for i in range(len(up))]
+    return names
+
+
+class FeatureHooks:
+    """Forward hooks that keep the output of named blocks in ``.features`` (a context manager).
+
+    Down blocks return ``(hidden_states, res_samples)``; element 0 (the block's output) is kept.
+
+    Example::
+
+        with FeatureHooks(student, ["mid_block"]) as hooks:
+            eps_s = student(x_t, t).sample
+        hooks.features["mid_block"]  # (B, C, H, W)
+    """
+
+    def __init__(self, model: nn.Module, blocks: Iterable[str] | None = None, detach: bool = False):
+        """Registers the hooks.
+
+        Args:
+            model: the network to hook.
+            blocks: submodule names; None hooks every :func:`hookable_blocks` entry.
+            detach: store detached tensors (for a frozen teacher).
+        """
+        # per thread: the teacher service runs concurrent forwards of one model in a thread pool
+        self._local = threading.local()
+        self.blocks = list(hookable_blocks(model) if blocks is None else blocks)
+        self._handles = []
+        for name in self.blocks:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"FeatureHooks: {type(model).__name__} has no block {name!r}; hookable: {hookable_blocks(model)}"
+                ) from None
+            self._handles.append(module.register_forward_hook(self._hook(name, detach)))
+
+    def _hook(self, name: str, detach: bool):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            self.features[name] = out.detach() if detach else out
+
+        return hook
+
+    @property
+    def features(self) -> dict[str, Tensor]:
+        """Outputs of the hooked blocks from this thread's latest forward."""
+        d = getattr(self._local, "features", None)
+        if d is None:
+            d = self._local.features = {}
+        return d
+
+    def clear(self) -> None:
+        """Forgets the stored features (call between steps so the graph is freed)."""
+        self._local.features = {}
+
+    def remove(self) -> None:
+        """Unregisters the hooks; stored features stay readable."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def dummy_cond(model: nn.Module, batch: int = 1) -> Tensor | None:
+    """Zero text embeddings ``(batch, 1, cross_attention_dim)`` for probing a conditional UNet's feature shapes
+    (they do not depend on the text length); None for an unconditional one."""
+    cfg = getattr(model, "config", None)
+    dim = cfg.get("cross_attention_dim") if hasattr(cfg, "get") else None
+    if not dim:
+        return None
+    p = next(model.parameters())
+    return torch.zeros(batch, 1, int(dim), device=p.device, dtype=p.dtype)
+
+
+def _call(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+    cond = dummy_cond(model, x_t.shape[0])
+    out = model(x_t, t) if cond is None else model(x_t, t, encoder_hidden_states=cond)
+    return getattr(out, "sample", out[0] if isinstance(out, tuple) else out)
+
+
+@torch.no_grad()
+def probe_feature_channels(
+    model: nn.Module, sample_shape: Sequence[int], blocks: Iterable[str] | None = None, timestep: int = 0
+) -> dict[str, int]:
+    """Channel count of each block's output, from one dummy forward.
+
+    Args:
+        model: the network (called as ``model(x, t)``).
+        sample_shape: input shape ``(B, C, H, W)``; batch 1 is enough.
+        blocks: block names; None probes every :func:`hookable_blocks` entry.
+        timestep: the dummy timestep.
+    Returns:
+        ``{block: channels}``; ``{}`` when there is nothing to probe.
+    """
+    blocks = list(hookable_blocks(model) if blocks is None else blocks)
+    if not blocks:
+        return {}
+    p = next(model.parameters())
+    x_t = torch.zeros(tuple(sample_shape), device=p.device, dtype=p.dtype)
+    t = torch.full((x_t.shape[0],), int(timestep), device=p.device, dtype=torch.long)
+    with FeatureHooks(model, blocks, detach=True) as hooks:
+        _call(model, x_t, t)
+    return {b: int(hooks.features[b].shape[1]) for b in blocks}

@@ -1,0 +1,79 @@
+"""Tiny random model folders built locally (no hub): the offline demos' and the tests' teachers.
+
+``python -m o2mkd_ray.core.fixtures FOLDER`` writes a tiny Stable Diffusion folder (``pipelines/sd_tiny.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def byte_vocab() -> dict[str, int]:
+    """A byte-level CLIP vocabulary with no merges: every byte is a token (GPT-2's byte-to-unicode table)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int = 8, block_out_channels=(16, 32),
+                 cross_attention_dim: int = 16, max_length: int = 77):
+    """Writes a tiny random Stable Diffusion folder and returns the ``StableDiffusionPipeline``.
+
+    Same component classes and layout as SD 1.x (CrossAttn down/up blocks, a cross-attention mid block,
+    ``layers_per_block=2``, a CLIP text encoder, a KL VAE, a PNDM scheduler with SD's betas), at toy size: latents
+    ``(4, sample_size, sample_size)``, images twice that. The tokenizer is byte-level, built locally (no download).
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    ch = list(block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=ch,
+        down_block_types=["CrossAttnDownBlock2D"] * (len(ch) - 1) + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(ch) - 1),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=2, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16], norm_num_groups=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=2 * sample_size,
+    )
+    tokenizer = CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=max_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # as in CompVis/stable-diffusion-v1-4's scheduler_config.json: DDIM & co. built from it must not clip x_0
+    f = Path(folder) / "scheduler" / "scheduler_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "clip_sample": False}, indent=2))
+    return pipe
+
+
+if __name__ == "__main__":  # python -m o2mkd_ray.core.fixtures FOLDER: the tiny offline SD folder (pipelines/sd_tiny.yaml)
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m o2mkd_ray.core.fixtures FOLDER   (writes a tiny random Stable Diffusion folder)")
+    make_tiny_sd(sys.argv[1])
+    print(sys.argv[1])

@@ -1,0 +1,96 @@
+"""Stable Diffusion components around the UNet (text encoder, tokenizer, VAE): folder checks, loading, encoders.
+
+O2MKD distils only the UNet (``UNet2DConditionModel``); the students share the teacher's text encoder, tokenizer and
+VAE, and distillation runs in latent space.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from o2mkd_ray.errors import ConfigError
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def is_sd_folder(path: str | Path) -> bool:
+    """True when ``path`` is a local diffusers Stable Diffusion folder (a UNet2DConditionModel + text encoder + VAE)."""
+    p = Path(path).expanduser()
+    if not (p / "unet" / "config.json").is_file():
+        return False
+    try:
+        cls = json.loads((p / "unet" / "config.json").read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return cls == "UNet2DConditionModel"
+
+
+def check_sd_folder(path: str | Path, key: str = "teacher.pretrained") -> None:
+    """ConfigError (one line) unless every component Stable Diffusion needs is in the folder."""
+    p = Path(path).expanduser()
+    missing = [c for c in SD_COMPONENTS if not (p / c).is_dir()]
+    if missing:
+        raise ConfigError(f"{key}: {str(p)!r} is not a complete Stable Diffusion folder (missing "
+                          f"{', '.join(m + '/' for m in missing)}); save it with StableDiffusionPipeline.save_pretrained")
+
+
+def load_sd_components(spec: str, dtype: torch.dtype = torch.float32) -> dict:
+    """The teacher's text encoder, tokenizer and VAE (what the students share), from a hub id or a local folder."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(spec, subfolder="text_encoder", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype)
+    except (OSError, EnvironmentError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"teacher.pretrained: could not load the Stable Diffusion text encoder/tokenizer/VAE from "
+                          f"{spec!r}: {first}") from None
+    text_encoder.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell (8 for SD 1.x), as StableDiffusionPipeline computes it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Text embeddings ``(N, L, D)`` exactly as ``StableDiffusionPipeline.encode_prompt`` makes them (clip_skip None)."""
+    device = next(text_encoder.parameters()).device
+    out = []
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    for i in range(0, len(prompts), batch_size):
+        tok = tokenizer(list(prompts[i:i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(device) if use_mask else None
+        out.append(text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None,
+                  batch_size: int = 16) -> torch.Tensor:
+    """Latents ``(N, C_lat, h, w)`` of images ``(N, 3, H, W)`` in [-1, 1]: a VAE posterior sample times
+    ``scaling_factor`` (what SD was trained on)."""
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        dist = vae.encode(images[i:i + batch_size].to(device, dtype)).latent_dist
+        out.append((dist.sample(generator=generator) * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` in [0, 1] from SD latents."""
+    p = next(vae.parameters())
+    x = vae.decode(latents.to(p.device, p.dtype) / vae.config.scaling_factor).sample
+    return (x.float() / 2 + 0.5).clamp(0, 1).cpu()

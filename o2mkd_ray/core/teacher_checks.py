@@ -1,0 +1,172 @@
+"""Pre-flight checks of a teacher and of the students a config derives from it (meta device, no weights read).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from o2mkd_ray.config.schema import TeacherConfig
+from o2mkd_ray.core.kd import check_kd_method
+from o2mkd_ray.core.schedulers import check_scheduler_name
+from o2mkd_ray.core.teacher import EMBEDDED_TEACHER, load_factory, looks_local, read_json_config, teacher_kind
+from o2mkd_ray.errors import ConfigError
+
+
+def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=None) -> None:
+    """Cheap pre-flight check (no weights loaded for local folders): raises ConfigError on a bad spec.
+
+    Args:
+        tcfg: the teacher section.
+        data: optional DataConfig; its resolution/channels must match a UNet teacher's sample_size/in_channels.
+        segments: optional SegmentsConfig; checked against the teacher scheduler's ``num_train_timesteps``
+            (boundaries end at T, n <= T, fractions give no empty segment).
+        students: optional StudentsConfig; every segment's student config is derived from the teacher's
+            ``config.json`` and built on the meta device (no memory, no weights), so e.g. a width that leaves a
+            block with zero channels fails here rather than in a Ray worker.
+    """
+    if tcfg.factory:
+        model, scheduler = load_factory(tcfg.factory)  # a user-named factory: calling it is what they asked for
+        _check_prediction_type(getattr(scheduler.config, "prediction_type", "epsilon"), tcfg.factory)
+        cfg = getattr(model, "config", None)
+        ucfg = dict(cfg) if cfg is not None and hasattr(cfg, "keys") else {}
+        _check_shapes(ucfg, data)
+        T = getattr(scheduler.config, "num_train_timesteps", None)
+        n = _check_segments(segments, T)
+        if students is not None and n is not None:
+            _check_students(students, n, lambda: model)
+        return
+    spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
+    if not looks_local(spec):
+        if tcfg.kind == "auto":
+            raise ConfigError(f"teacher.kind: cannot tell what the hub model {spec!r} is before downloading it; set "
+                              "teacher.kind to unet or stable_diffusion")
+        return  # a hub id: checked when it is downloaded (no network access in preflight)
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"teacher.pretrained: folder {spec!r} does not exist; give a diffusers model folder or hub id")
+    kind = teacher_kind(tcfg)
+    if data is not None:
+        from o2mkd_ray.config.checks import check_kinds
+
+        check_kinds(kind, data.kind)
+    if kind == "stable_diffusion":
+        from o2mkd_ray.core.sd import check_sd_folder
+
+        check_sd_folder(p)
+    sub = tcfg.subfolder or ("unet" if (p / "unet").is_dir() else "")
+    cfg_file = p / sub / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} not found; is {spec!r} a diffusers UNet folder?")
+    ucfg = read_json_config(cfg_file, "teacher.pretrained")
+    cls = ucfg.get("_class_name", "UNet2DModel")
+    want = "UNet2DConditionModel" if kind == "stable_diffusion" else "UNet2DModel"
+    if cls != want:
+        raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} describes a {cls}; a {kind} teacher folder must "
+                          f"hold a diffusers {want} (wrap other models in teacher.factory='module:function')")
+    _check_weights(p / sub)
+    sched = _scheduler_config_file(p, tcfg.subfolder)
+    if sched is None:
+        raise ConfigError(f"teacher.pretrained: no scheduler config in {spec!r} (expected "
+                          "scheduler/scheduler_config.json); save the teacher with its scheduler")
+    scfg = read_json_config(sched, "teacher.pretrained")
+    _check_prediction_type(scfg.get("prediction_type", "epsilon"), str(sched))
+    if kind == "unet":  # SD works in latent space: images are resized to what the VAE expects
+        _check_shapes(ucfg, data)
+    n = _check_segments(segments, scfg.get("num_train_timesteps", 1000))
+    if students is not None and n is not None:
+        _check_students(students, n, lambda: _ConfigOnly(ucfg))
+
+
+def check_run(cfg) -> None:
+    """All checks of a run config that need torch/diffusers, before any Ray work: registered scheduler and KD
+    method names, then the teacher, segments and students (see :func:`check_teacher`)."""
+    check_scheduler_name(cfg.sampling.scheduler, "sampling.scheduler")
+    check_kd_method(cfg.kd.feature_method)
+    check_teacher(cfg.teacher, cfg.data, segments=cfg.segments, students=cfg.students)
+    if cfg.eval.clip_model is not None and not Path(cfg.eval.clip_model).expanduser().is_dir():
+        raise ConfigError(f"eval.clip_model: folder {cfg.eval.clip_model!r} does not exist; give a local CLIP "
+                          "model folder (CLIPModel + processor) or remove it")
+
+
+class _ConfigOnly(nn.Module):
+    """A stand-in with only a teacher's ``config`` (student shapes come from it; no weights are loaded)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+
+
+def _scheduler_config_file(p: Path, subfolder: str | None) -> Path | None:
+    # the same places _load_scheduler looks, in the same order
+    for sub in ([subfolder] if subfolder and subfolder != "unet" else []) + ["scheduler", ""]:
+        f = p / sub / "scheduler_config.json"
+        if f.is_file():
+            return f
+    return None
+
+
+def _check_weights(folder: Path) -> None:
+    """The UNet folder has weights, and a safetensors file has an intact header covering the whole file."""
+    st = sorted(folder.glob("*.safetensors"))
+    if not st and not any(folder.glob("*.bin")):
+        raise ConfigError(f"teacher.pretrained: no weights (*.safetensors) in {str(folder)!r}; save the model "
+                          "with save_pretrained")
+    for f in st:
+        check_safetensors(f, "teacher.pretrained")
+
+
+def check_safetensors(path: str | Path, key: str) -> None:
+    """Reads a safetensors header (cheap: no tensor data); ConfigError naming ``key`` on a corrupt/truncated file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}: {str(path)!r} is corrupted or truncated ({why}); re-create or re-download "
+                          "it") from None
+
+
+def _check_prediction_type(pred: str, where: str) -> None:
+    if pred != "epsilon":
+        raise ConfigError(f"teacher: prediction_type {pred!r} ({where}) is not supported yet; O2MKD here distils "
+                          "ε-prediction teachers (prediction_type: epsilon)")
+
+
+def _check_shapes(ucfg: dict, data) -> None:
+    if data is not None and isinstance(ucfg.get("sample_size"), int) and ucfg["sample_size"] != data.resolution:
+        raise ConfigError(f"data.resolution: {data.resolution} but the teacher works at {ucfg['sample_size']}; "
+                          f"set data.resolution={ucfg['sample_size']}")
+    if data is not None and isinstance(ucfg.get("in_channels"), int) and ucfg["in_channels"] != data.channels:
+        raise ConfigError(f"data.channels: {data.channels} but the teacher takes {ucfg['in_channels']}; "
+                          f"set data.channels={ucfg['in_channels']}")
+
+
+def _check_segments(segments, T) -> int | None:
+    """Builds the Segments the run will use (boundaries end at T, n <= T, ...); returns their number."""
+    if segments is None or not isinstance(T, int):
+        return None
+    from o2mkd_ray.core.segments import Segments
+
+    return Segments.from_config(segments, T).n
+
+
+def _check_students(st, n: int, teacher_like) -> None:
+    """Every segment's student UNet config is valid: built on the meta device, so it costs no memory."""
+    from o2mkd_ray.core.students import make_unet, per_segment_values, student_config, teacher_unet_config
+
+    widths = per_segment_values(st.width, n, "students.width")
+    layers = per_segment_values(st.layers_per_block, n, "students.layers_per_block")
+    with torch.device("meta"):
+        if st.unet is not None:
+            for lp in sorted(set(layers), key=str):
+                ucfg = dict(st.unet, **({} if lp is None else {"layers_per_block": int(lp)}))
+                make_unet(dict(ucfg, mid_block_type=None) if st.drop_mid_block else ucfg, "students.unet")
+            return
+        tcfg = teacher_unet_config(teacher_like())
+        for w, lp in sorted(set(zip(widths, layers)), key=str):
+            make_unet(student_config(tcfg, w, lp, drop_mid_block=st.drop_mid_block), "students.width")

@@ -1,0 +1,190 @@
+"""Ray-free distillation of one student on one timestep segment (pure PyTorch).
+
+The Ray layer (``train_loop.py``) wraps :class:`SegmentDistiller` unchanged; ``run_segment`` is the plain
+single-process loop used by ``distill --engine local``, tests and the orchestration benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.atomic import replace_dir, write_json
+from o2mkd_ray.core.features import FeatureHooks, hookable_blocks, probe_feature_channels
+from o2mkd_ray.core.kd import KDLoss
+from o2mkd_ray.core.segments import Segments
+from o2mkd_ray.core.teacher import cond_kwargs
+from o2mkd_ray.data.images import random_flip
+from o2mkd_ray.distill.checkpoints import MANIFEST, TRAIN_STATE, config_hash, hash_files, verify_checkpoint
+
+TeacherCallable = Callable[..., tuple[torch.Tensor, dict | None]]
+
+
+class SegmentDistiller:
+    """Student k, its EMA, KD loss (with adapters) and optimizer; one ``train_step`` per batch.
+
+    Args:
+        cfg: the resolved config.
+        k: segment index.
+        segments: the timestep segments.
+        scheduler: the teacher's training noise scheduler (``add_noise``).
+        student: the student network (unwrapped).
+        teacher_channels: channels of the teacher's hooked blocks (``{}`` / None: no feature KD).
+        wrap: optional wrapper for the training forward (Ray's ``prepare_model`` → DDP).
+        rank: data-parallel rank (seeds differ per rank).
+        uncond: text-conditioned students: the empty prompt's embedding ``(1, L, D)``; each sample's condition is
+            replaced by it with probability ``data.uncond_prob`` (:meth:`make_cond`), so the student learns the
+            unconditional branch classifier-free guidance needs.
+    """
+
+    def __init__(self, cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module,
+                 teacher_channels: dict[str, int] | None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 rank: int = 0, device: torch.device | str = "cpu", uncond: torch.Tensor | None = None):
+        self.cfg, self.k, self.segments, self.scheduler = cfg, k, segments, scheduler
+        self.uncond = uncond
+        self.device = torch.device(device)
+        self.student = student.to(self.device)
+        shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        cfg_s = getattr(student, "config", None)
+        if cfg_s is not None and isinstance(getattr(cfg_s, "sample_size", None), int):
+            shape = (cfg_s.in_channels, cfg_s.sample_size, cfg_s.sample_size)
+        self.shape = shape
+        student_channels = None
+        if cfg.kd.lambda_feat > 0 and teacher_channels:
+            # blocks both have (a BK-SDM student without a mid block skips the teacher's mid_block)
+            mine = set(hookable_blocks(self.student))
+            blocks = [b for b in (cfg.kd.feature_blocks or list(teacher_channels)) if b in teacher_channels and b in mine]
+            student_channels = probe_feature_channels(self.student, (1, *shape), blocks)
+        self.kd = KDLoss(cfg.kd, student_channels, teacher_channels or None).to(self.device)
+        self.blocks = list(self.kd.blocks) if self.kd.uses_features else []
+        self.hooks = FeatureHooks(self.student, self.blocks) if self.blocks else None
+        self.model = wrap(self.student) if wrap else self.student
+        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        params = [p for p in self.student.parameters()] + [p for p in self.kd.parameters()]
+        self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        tr = cfg.train
+        # linear warmup then cosine decay to 10 % (a standard short-schedule recipe)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt,
+            lambda s: min(1.0, (s + 1) / max(1, tr.warmup_steps))
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / tr.steps)))),
+        )
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(tr.seed * 7919 + 1000 * k + rank)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def make_inputs(self, x_0: torch.Tensor, generator: torch.Generator | None = None):
+        """``x_0: (B, C, H, W)`` → ``(x_t, t, eps)`` with ``t`` uniform inside segment k."""
+        g = generator or self.gen
+        if self.cfg.data.random_flip:
+            x_0 = random_flip(x_0, g)
+        t = self.segments.sample_t(self.k, x_0.shape[0], generator=g)  # (B,)
+        eps = torch.randn(x_0.shape, generator=g)  # (B, C, H, W)
+        x_t = self.scheduler.add_noise(x_0, eps, t)
+        return x_t, t, eps
+
+    def make_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None):
+        """Text embeddings ``(B, L, D)`` with each row swapped for the empty prompt's with prob ``data.uncond_prob``."""
+        if cond is None or self.uncond is None or self.cfg.data.uncond_prob <= 0:
+            return cond
+        drop = torch.rand(cond.shape[0], generator=generator or self.gen) < self.cfg.data.uncond_prob  # (B,)
+        return torch.where(drop.view(-1, 1, 1), self.uncond.to(cond.dtype).expand_as(cond), cond)
+
+    def _forward(self, model: nn.Module, x_t, t, cond=None):
+        out = model(x_t.to(self.device), t.to(self.device), **cond_kwargs(cond, self.device))
+        return out.sample if hasattr(out, "sample") else out
+
+    def train_step(self, x_t, t, eps, eps_T, feats_T=None, cond=None) -> dict[str, float]:
+        """One AdamW step on the KD loss; returns the loss terms, lr and grad norm. ``cond``: ``(B, L, D)`` or None."""
+        self.model.train()
+        if self.hooks is not None:
+            self.hooks.clear()
+        eps_S = self._forward(self.model, x_t, t, cond)  # (B, C, H, W)
+        feats_S = self.hooks.features if self.hooks is not None else None
+        loss, terms = self.kd(eps_S, eps_T.to(self.device), eps.to(self.device), feats_S,
+                              {k: v.to(self.device) for k, v in feats_T.items()} if feats_T else None)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip or float("inf"))
+        self.opt.step()
+        self.lr_sched.step()
+        self._ema_update()
+        self.step += 1
+        terms.update(lr=self.opt.param_groups[0]["lr"], grad_norm=float(gn))
+        return terms
+
+    @torch.no_grad()
+    def _ema_update(self):
+        # EMA warm-up (as in diffusers' EMAModel): small decay early so the EMA tracks the fast-moving student
+        d = min(self.cfg.train.ema_decay, (1 + self.step) / (10 + self.step))
+        for pe, p in zip(self.ema.parameters(), self.student.parameters()):
+            pe.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def val_loss(self, batches: list[tuple]) -> float:
+        """Output-KD MSE of the EMA student on fixed held-out ``(x_t, t, eps_T[, cond])`` batches (selects "best")."""
+        if not batches:
+            return float("nan")
+        tot = 0.0
+        for x_t, t, eps_T, *cond in batches:
+            eps_S = self._forward(self.ema, x_t, t, cond[0] if cond else None)
+            tot += torch.mean((eps_S - eps_T.to(self.device)) ** 2).item()
+        return tot / len(batches)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Writes a checkpoint folder atomically (temp folder, then rename) with a manifest of file hashes."""
+        directory = Path(directory)
+        with replace_dir(directory) as tmp:
+            self.student.save_pretrained(tmp / "student", safe_serialization=True)
+            self.ema.save_pretrained(tmp / "ema", safe_serialization=True)
+            torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "lr_sched": self.lr_sched.state_dict(),
+                        "kd": self.kd.state_dict(), "gen": self.gen.get_state()}, tmp / TRAIN_STATE)
+            manifest = {"step": self.step, "segment": self.k, "boundaries": list(self.segments.boundaries),
+                        "config_hash": config_hash(self.cfg), "files": hash_files(tmp), **(extra or {})}
+            write_json(tmp / MANIFEST, manifest)
+        return directory
+
+    def load(self, directory: str | Path) -> dict:
+        """Restores student, EMA, optimizer, KD adapters and step from a checkpoint folder (verified)."""
+        from diffusers import UNet2DModel
+
+        directory = Path(directory)
+        manifest = verify_checkpoint(directory, self.cfg)  # also rejects a checkpoint of another config
+        cls = type(self.student) if hasattr(self.student, "from_pretrained") else UNet2DModel  # its own class
+        self.student.load_state_dict(cls.from_pretrained(directory / "student").state_dict())
+        self.ema.load_state_dict(cls.from_pretrained(directory / "ema").state_dict())
+        state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.lr_sched.load_state_dict(state["lr_sched"])
+        self.kd.load_state_dict(state["kd"])
+        self.gen.set_state(state["gen"])
+        self.step = int(state["step"])
+        return manifest
+
+
+def fixed_val_batches(distiller: SegmentDistiller, dataset, teacher: TeacherCallable, n: int,
+                      batch_size: int) -> list[tuple]:
+    """Held-out ``(x_t, t, eps_T)`` batches (``+ cond`` for text-conditioned data) from a fixed generator, the same
+    for every rank and every resume."""
+    if n <= 0:
+        return []
+    g = torch.Generator().manual_seed(10_000 + distiller.k)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(dataset), (batch_size,), generator=g)
+        items = [dataset[int(i)] for i in idx]
+        x_0 = torch.stack([it[0] for it in items])
+        cond = torch.stack([it[1] for it in items]) if len(items[0]) > 1 else None  # (B, L, D)
+        t = distiller.segments.sample_t(distiller.k, batch_size, generator=g)
+        eps = torch.randn(x_0.shape, generator=g)
+        x_t = distiller.scheduler.add_noise(x_0, eps, t)
+        eps_T, _ = teacher(x_t, t, features=False, **({} if cond is None else {"cond": cond}))
+        out.append((x_t, t, eps_T) if cond is None else (x_t, t, eps_T, cond))
+    return out

@@ -1,0 +1,65 @@
+"""The local engine: every segment one after another in this process, no Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from o2mkd_ray.config.schema import Config
+from o2mkd_ray.distill.run_folder import (
+    finished_summary,
+    is_text_to_image,
+    load_cond_data,
+    prepare_run,
+    save_segment,
+)
+
+
+def train_local(cfg: Config, out, progress: bool = True, on_report: Callable[[int, dict], None] | None = None,
+                on_segments: Callable[[list[int]], None] | None = None) -> dict:
+    """Trains every unfinished segment in turn into the run folder ``out``.
+
+    Args:
+        progress: a progress bar per segment.
+        on_report: called as ``on_report(segment, metrics)`` at every report of every segment.
+        on_segments: called with the boundaries once they are known.
+    Returns:
+        What the run-folder assembly needs: ``out``, ``teacher``, ``scheduler``, ``segments``, ``shape``,
+        ``teacher_stats``, ``t_start``.
+    """
+    from o2mkd_ray.core.students import build_students
+    from o2mkd_ray.core.teacher import LocalTeacher, TeacherFn
+    from o2mkd_ray.data.build import build_dataset
+    from o2mkd_ray.distill.loop import run_segment
+
+    t_start = time.time()
+    out, teacher, scheduler, shape, segments = prepare_run(cfg, out, on_segments)
+    fn = TeacherFn(teacher, cfg.kd.feature_blocks)
+    channels = fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {}
+    lt = LocalTeacher(fn)
+    uncond = None
+    if is_text_to_image(cfg):
+        from o2mkd_ray.data.cond_cache import cond_dataset
+
+        cond = load_cond_data(cfg, out, teacher, scheduler, lt)
+        dataset, uncond = cond_dataset(cond)
+    else:
+        dataset = build_dataset(cfg.data)
+    students = build_students(cfg, teacher, segments.n)
+    for k in range(segments.n):
+        if finished_summary(out, k) is not None:
+            continue
+        ckdir = out / "local" / f"seg-{k:02d}"
+        res = run_segment(cfg, k, segments, scheduler, students[k], lt, channels, dataset, ckpt_dir=ckdir,
+                          progress=progress, on_report=(lambda m, k=k: on_report(k, m)) if on_report else None,
+                          uncond=uncond)
+        last = sorted(ckdir.glob("checkpoint_*"))[-1]
+        summary = {"index": k, "boundaries": list(segments.range(k)), "started_at": res["started_at"],
+                   "finished_at": res["finished_at"], "steps": res["steps"], "resumed_from": 0,
+                   "final_loss": res["final_loss"], "val_loss": res["val_loss"],
+                   "samples_per_s": res["samples_per_s"], "checkpoint": str(last), "history": res["history"]}
+        save_segment(out, k, last, summary)
+    stats = {"mode": "local", "replicas": 0, "requests": lt.calls, "mean_batch": 1.0, "busy_s": lt.latency_s}
+    return {"out": out, "teacher": teacher, "scheduler": scheduler, "segments": segments, "shape": shape,
+            "teacher_stats": stats, "t_start": t_start}

@@ -1,0 +1,74 @@
+"""The run folder both engines train into: ``config.json``, the teacher it names, ``segments/seg-KK`` (the chosen
+EMA student and its summary per finished segment) and the text-to-image data cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.atomic import replace_dir, write_json, write_text
+from o2mkd_ray.core.segments import Segments
+
+log = logging.getLogger(__name__)
+
+
+def run_hash(d: dict) -> str:
+    # what makes two runs "the same run" (resumable into one --out): everything but runtime placement / tracking
+    keep = {k: v for k, v in d.items() if k not in ("ray", "mlflow", "eval", "debug", "sampling")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def finished_summary(out: Path, k: int) -> dict | None:
+    f = out / "segments" / f"seg-{k:02d}" / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def save_segment(out: Path, k: int, ckpt_dir: Path, summary: dict) -> None:
+    """Copies the chosen checkpoint's EMA student into OUT/segments/seg-kk (atomic) and writes its summary."""
+    with replace_dir(out / "segments" / f"seg-{k:02d}") as tmp:
+        shutil.copytree(ckpt_dir / "ema", tmp / "ema")
+        write_json(tmp / "summary.json", summary)
+
+
+def prepare_run(cfg: Config, out, on_segments: Callable[[list[int]], None] | None = None):
+    """Both engines' start: OUT/config.json, the teacher and its scheduler, input shape, segments.
+
+    Args:
+        on_segments: called with the boundaries once they are known (the tracker records them).
+    """
+    from o2mkd_ray.core.teacher import load_teacher, sample_shape
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.json", cfg.to_json())
+    teacher, scheduler = load_teacher(cfg.teacher)
+    shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
+    segments = Segments.from_config(cfg.segments, scheduler.config.num_train_timesteps)
+    if on_segments is not None:
+        on_segments(list(segments.boundaries))
+    return out, teacher, scheduler, shape, segments
+
+
+def is_text_to_image(cfg: Config) -> bool:
+    from o2mkd_ray.core.teacher import teacher_kind
+
+    return teacher_kind(cfg.teacher) == "stable_diffusion"
+
+
+def load_cond_data(cfg: Config, out: Path, teacher, scheduler, teacher_fn) -> dict:
+    """Text-to-image runs: cached caption latents + embeddings (OUT/cache), synthesised by ``teacher_fn`` if needed."""
+    from o2mkd_ray.data.cond_cache import build_cond_data
+
+    t0 = time.time()
+    cond = build_cond_data(cfg, teacher, dict(scheduler.config), teacher=teacher_fn, cache_dir=out / "cache",
+                           log=lambda m: log.warning("%s", m))
+    log.warning("text-to-image data: %d captions, latents %s, embeddings %s (%.1f s)", len(cond["prompts"]),
+                tuple(cond["latents"].shape), tuple(cond["embeds"].shape), time.time() - t0)
+    return cond

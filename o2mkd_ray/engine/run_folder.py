@@ -1,0 +1,58 @@
+"""Run-folder assembly after training, for both engines: ``pipeline/`` from ``segments/seg-KK``, ``samples.png``,
+``report.json`` and ``history.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.atomic import write_json
+from o2mkd_ray.core.segments import Segments
+from o2mkd_ray.distill.run_folder import finished_summary, is_text_to_image
+
+
+def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, shape, teacher_stats: dict,
+               t_start: float, extra: dict | None = None) -> dict:
+    """Assembles OUT/pipeline from OUT/segments/*, writes samples.png and report.json."""
+    from o2mkd_ray.core.costs import costs
+    from o2mkd_ray.core.schedulers import make_scheduler
+    from o2mkd_ray.eval.sampling import write_samples
+    from o2mkd_ray.pipelines.build import build_pipeline, load_student
+
+    summaries = [finished_summary(out, k) for k in range(segments.n)]
+    students = [load_student(out / "segments" / f"seg-{k:02d}", use_ema=True) for k in range(segments.n)]
+    seq_len, sd = 77, is_text_to_image(cfg)
+    if sd:  # text-to-image: the students share the teacher's VAE, text encoder and tokenizer
+        from o2mkd_ray.eval.sampling import sampling_prompts, write_sd_samples
+        from o2mkd_ray.pipelines.build import build_sd_pipeline, teacher_sd_pipeline
+
+        teacher_pipe = teacher_sd_pipeline(cfg, teacher)
+        seq_len = teacher_pipe.tokenizer.model_max_length
+        pipe = build_sd_pipeline(students, segments.boundaries, teacher_pipe, cfg.sampling.scheduler)
+    else:
+        sampler = make_scheduler(cfg.sampling.scheduler, scheduler.config)
+        pipe = build_pipeline(students, segments.boundaries, sampler, cfg.data.value_range)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    seg_reports = []
+    for k, (s, st) in enumerate(zip(summaries, students)):
+        seg_reports.append({**{key: v for key, v in s.items() if key != "history"}, **costs(st, shape, seq_len)})
+    t0 = time.time()
+    if sd:
+        samples = write_sd_samples(cfg, teacher_pipe, pipe, sampling_prompts(cfg), out / "samples.png")
+    else:
+        samples = write_samples(cfg, teacher, pipe, scheduler.config, shape, out / "samples.png")
+    samples["wall_s"] = round(time.time() - t0, 2)
+    t_cost = costs(teacher, shape, seq_len)
+    report = {
+        "name": cfg.name, "out": str(out), "num_segments": segments.n, "boundaries": list(segments.boundaries),
+        "segments": seg_reports, "teacher": {**teacher_stats, **t_cost}, "samples": samples,
+        "macs_ratio_per_step": float(np.mean([s["macs"] for s in seg_reports])) / max(1, t_cost["macs"]),
+        "wall_s": round(time.time() - t_start, 2), **(extra or {}),
+    }
+    write_json(out / "report.json", report)
+    write_json(out / "history.json", {s["index"]: s.get("history", []) for s in summaries}, indent=None)
+    return report

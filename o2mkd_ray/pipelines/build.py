@@ -1,0 +1,55 @@
+"""From trained students to a diffusers pipeline: load a saved student, route students, share the teacher's parts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.schedulers import make_scheduler
+from o2mkd_ray.errors import ConfigError
+
+
+def load_student(checkpoint_dir: str | Path, use_ema: bool = True) -> nn.Module:
+    """The (EMA) student saved in a segment checkpoint folder (a UNet2DModel or UNet2DConditionModel)."""
+    import json
+
+    import diffusers
+
+    d = Path(checkpoint_dir) / ("ema" if use_ema else "student")
+    cls = json.loads((d / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if cls not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ConfigError(f"checkpoint {str(d)!r} holds a {cls}; expected a UNet2DModel or UNet2DConditionModel")
+    return getattr(diffusers, cls).from_pretrained(d)
+
+
+def build_pipeline(students: list[nn.Module], boundaries, scheduler, value_range):
+    from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
+    from o2mkd_ray.pipelines.unconditional import O2MKDPipeline
+
+    multi = MultiStudentUNet(students, boundaries=list(boundaries), value_range=tuple(value_range))
+    return O2MKDPipeline(students=multi, scheduler=scheduler)
+
+
+def teacher_sd_pipeline(cfg: Config, unet: nn.Module | None = None):
+    """The teacher as a diffusers ``StableDiffusionPipeline`` (its already loaded UNet reused when given)."""
+    from diffusers import StableDiffusionPipeline
+
+    kw = {"unet": unet} if unet is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.teacher.pretrained, safety_checker=None,
+                                                   requires_safety_checker=False, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd_pipeline(students: list[nn.Module], boundaries, teacher_pipe, scheduler_name: str):
+    """``O2MKDStableDiffusionPipeline``: the students routed by timestep, the teacher's VAE/text encoder/tokenizer,
+    a sampling scheduler on the teacher's own scheduler config."""
+    from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
+    from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
+
+    multi = MultiStudentUNet(students, boundaries=list(boundaries))
+    sampler = make_scheduler(scheduler_name, teacher_pipe.scheduler.config)
+    return O2MKDStableDiffusionPipeline.from_teacher(teacher_pipe, multi, scheduler=sampler)

@@ -1,0 +1,221 @@
+"""The Ray engine for real: N=3 TorchTrainers on a local Ray, `ray job submit` to a real head, driver kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(overrides, *extra):
+    from o2mkd_ray.config.loading import load_config
+
+    return load_config(ROOT / "pipelines" / "tiny.yaml", [*overrides, *extra])
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    from mlflow_server import start_mlflow_server, stop_mlflow_server
+
+    url, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
+    yield url
+    stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_local, tiny_teacher_dir, mlflow_url, tmp_path_factory):
+    """ONE real distillation (3 segments on local Ray, shared teacher actor, MLflow server, quick eval) that
+    several tests below inspect: Ray start-up dominates a tiny run here, so it is paid once."""
+    from o2mkd_ray.config.loading import load_config
+    from o2mkd_ray.engine.driver import run_distillation
+
+    cfg = load_config(ROOT / "pipelines" / "tiny.yaml", [
+        f"teacher.pretrained={tiny_teacher_dir}", f"mlflow.tracking_uri={mlflow_url}", "mlflow.experiment=engine",
+        "mlflow.timeout_s=30",  # a busy 2-core CI machine can make the one-worker server slow to answer
+        "train.steps=60", "train.checkpoint_every=20", "eval.num_images=8", "eval.steps=4"])
+    out = tmp_path_factory.mktemp("engine") / "run"
+    seen: list[tuple[int, int]] = []
+    report = run_distillation(cfg, out, progress=False, on_progress=lambda k, m: seen.append((k, m["step"])))
+    return out, report, seen
+
+
+def test_three_segments_train_concurrently_against_shared_teacher(ray_run):
+    from o2mkd_ray import O2MKDPipeline
+
+    out, report, seen = ray_run
+    # three TorchTrainer runs existed, one per segment, each with checkpoints in its own storage folder
+    storage = out / "ray"
+    assert sorted(p.name for p in storage.iterdir() if p.is_dir()) == ["seg-00", "seg-01", "seg-02"]
+    for k in range(3):
+        assert list((storage / f"seg-{k:02d}").glob("checkpoint_*")), f"no checkpoint for segment {k}"
+
+    segs = report["segments"]
+    assert [s["boundaries"] for s in segs] == [[0, 333], [333, 667], [667, 1000]]
+    # training windows overlap: every segment started before any other finished
+    assert max(s["started_at"] for s in segs) < min(s["finished_at"] for s in segs)
+    # each student's loss went down (KD loss on held-out x_t of its segment, EMA student)
+    hist = json.loads((out / "history.json").read_text())
+    for k in range(3):
+        h = hist[str(k)]
+        assert [m["step"] for m in h] == [20, 40, 60]
+        assert h[-1]["val_loss"] < h[0]["val_loss"], (k, [m["val_loss"] for m in h])
+    # the one teacher actor served all three segments
+    t = report["teacher"]
+    assert t["mode"] == "actor" and t["replicas"] == 1
+    assert set(t["requests_by_segment"]) == {"seg-00", "seg-01", "seg-02"}
+    assert all(n >= 60 for n in t["requests_by_segment"].values())
+    assert t["mean_batch"] >= 1.0 and t["busy_s"] > 0
+    # live progress reached the driver for every segment and step
+    assert sorted(seen) == [(k, s) for k in range(3) for s in (20, 40, 60)]
+
+    pipe = O2MKDPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
+    assert img.shape == (2, 8, 8, 1) and np.isfinite(img).all()
+    assert (out / "samples.png").stat().st_size > 1000
+    rep = json.loads((out / "report.json").read_text())
+    for s in rep["segments"]:
+        for key in ("index", "boundaries", "started_at", "finished_at", "steps", "final_loss", "samples_per_s",
+                    "params", "macs"):
+            assert key in s, key
+        assert s["steps"] == 60 and s["params"] > 0 and s["macs"] > 0
+    assert {"requests", "mean_batch", "busy_s", "mode", "replicas"} <= set(rep["teacher"]) and rep["wall_s"] > 0
+
+
+def test_run_is_tracked_on_a_real_mlflow_server(ray_run, mlflow_url):
+    from mlflow.tracking import MlflowClient
+
+    out, report, _ = ray_run
+    info = report["mlflow"]
+    assert info["tracking_uri"] == mlflow_url
+    client = MlflowClient(mlflow_url)
+    parent = client.get_run(info["run_id"])
+    assert parent.info.status == "FINISHED"
+    p = parent.data.params
+    assert p["segments.n"] == "3" and p["students.width"] == "0.5" and p["train.steps"] == "60"
+    assert parent.data.tags["o2mkd.num_segments"] == "3"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{info['run_id']}'")
+    assert sorted(c.info.run_name for c in children) == ["seg-00", "seg-01", "seg-02"]
+    for c in children:
+        h = client.get_metric_history(c.info.run_id, "val_loss")
+        assert [m.step for m in sorted(h, key=lambda m: m.step)] == [20, 40, 60]
+        assert {"loss_out", "loss_feat", "lr", "samples_per_s", "teacher_latency_ms"} <= set(c.data.metrics)
+    names = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert {"config.json", "report.json", "samples.png", "pipeline", "eval"} <= names, names
+    ev = {a.path for a in client.list_artifacts(info["run_id"], "eval")}
+    assert "eval/agreement_vs_t.png" in ev and "eval/report.md" in ev
+    assert "eval/agreement_mse" in parent.data.metrics
+
+
+def test_quick_eval_written_by_distill(ray_run):
+    out, report, _ = ray_run
+    ev = json.loads((out / "eval" / "report.json").read_text())
+    assert np.isfinite(report["eval"]["agreement_mse"]) and report["eval"]["macs_ratio_run"] < 1
+    assert ev["fid_backend"] and (out / "eval" / "samples_grid.png").is_file()
+
+
+def test_local_teacher_mode_and_two_workers_ddp(ray_local, tiny_overrides, tmp_path):
+    """teacher.mode=local (a teacher copy per worker) and a 2-worker DDP segment, fractional CPUs."""
+    from o2mkd_ray.engine.driver import run_distillation
+
+    cfg = _cfg(tiny_overrides, "segments.n=2", "teacher.mode=local", "train.steps=10", "train.checkpoint_every=5",
+               "ray.segment_overrides={'0': {num_workers: 2, cpus_per_worker: 0.25}}")
+    report = run_distillation(cfg, tmp_path / "run", progress=False)
+    assert report["teacher"]["mode"] == "local" and report["teacher"]["requests"] == 0
+    assert [s["steps"] for s in report["segments"]] == [10, 10]
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
+    """`ray start --head` on free ports in a temp dir, the real `ray job submit` CLI, SUCCEEDED, outputs; then
+    stop that cluster only (the blocking head process group, not `ray stop`)."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash, agent, agent_grpc, rt_env = (_free_port() for _ in range(5))
+    tmp = Path(f"/tmp/o2r-head-{os.getpid()}")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.3", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={tmp}", "--disable-usage-stats",
+         "--include-dashboard=true",
+         # the agent's default port 52365 is taken while another local Ray (the module's fixture) runs
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={rt_env}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    out = tmp_path / "job_out"
+    try:
+        addr = f"http://127.0.0.1:{dash}"
+        env_job = {**env, "RAY_ADDRESS": addr}
+        deadline = time.time() + 90
+        while True:  # the dashboard's job server answers a few seconds after the head starts
+            r = subprocess.run([str(ray_bin), "job", "list"], env=env_job, capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            assert time.time() < deadline, f"head did not come up: {r.stderr[-2000:]}"
+            time.sleep(2)
+        cmd = [str(ray_bin), "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
+               json.dumps({"excludes": [".venv", "runs", ".git", "*.egg-info"]}), "--",
+               sys.executable, "-m", "o2mkd_ray.cli", "distill", "pipelines/tiny.yaml",
+               "--set", f"teacher.pretrained={tiny_teacher_dir}", "--set", "mlflow.enabled=false",
+               "--set", "eval.enabled=false", "--out", str(out)]
+        for _ in range(30):  # the job agent registers a little after the job server answers
+            r = subprocess.run(cmd, env=env_job, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in r.stdout + r.stderr:
+                break
+            time.sleep(2)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        jobs = subprocess.run([str(ray_bin), "job", "list"], env=env_job, capture_output=True, text=True).stdout
+        assert "status=<JobStatus.SUCCEEDED" in jobs and "FAILED" not in jobs, jobs[-2000:]
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["engine"] == "ray" and len(rep["segments"]) == 3
+        assert rep["ray_address"] and str(port) in rep["ray_address"]
+        assert (out / "pipeline" / "model_index.json").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_driver_killed_after_first_checkpoint_resumes(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    base = ["distill", str(ROOT / "pipelines" / "tiny.yaml"), "--out", str(out), "--no-eval",
+            *[a for o in tiny_overrides for a in ("--set", o)], "--set", "train.steps=40"]
+    marker = tmp_path / "killed"
+    r1 = run_cli(*base, "--set", "debug.kill_driver_after_checkpoints=3", "--set", f"debug.marker={marker}")
+    assert r1.returncode != 0 and marker.exists(), r1.stderr[-3000:]
+    ckpts = list((out / "ray").glob("seg-*/checkpoint_*"))
+    assert len(ckpts) >= 3 and not (out / "report.json").exists()
+
+    r2 = run_cli(*base)  # the same command again (debug switches are not part of a run's identity)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert all(s["steps"] == 40 for s in rep["segments"])
+    assert any(s["resumed_from"] >= 10 for s in rep["segments"]), [s["resumed_from"] for s in rep["segments"]]
+    hist = json.loads((out / "history.json").read_text())
+    for k, h in hist.items():  # steps continue from the checkpoint, never restart at 10
+        resumed = next(s["resumed_from"] for s in rep["segments"] if s["index"] == int(k))
+        assert h[0]["step"] == resumed + 10
