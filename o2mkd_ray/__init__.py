@@ -12,7 +12,6 @@ the CLI and Ray workers that never sample do not pay for torch/diffusers imports
 import importlib
 
 __version__ = "0.1.0"
-
 _LAZY = {
     "Segments": "o2mkd_ray.core.segments",
     "MultiStudentUNet": "o2mkd_ray.pipelines.multi_unet",
@@ -24,7 +23,6 @@ _LAZY = {
     "evaluate_sd": "o2mkd_ray.eval.text_to_image",
     "clip_score": "o2mkd_ray.eval.text_to_image",
 }
-
 __all__ = ["MultiStudentUNet", "O2MKDPipeline", "O2MKDStableDiffusionPipeline", "Segments", "clip_score",
            "evaluate_run", "evaluate_sd", "load_config", "run_distillation", "__version__"]
 

@@ -51,6 +51,16 @@ def check_pipeline_dir(d: Path) -> dict:
 
 
 def sample_command(args) -> int:
+    """``o2mkd-ray sample``: checks every argument first, then loads the pipeline and writes the grid PNG."""
+    d, out, text = _checked_args(args)
+    pipe = _load(d, text, args.scheduler)
+    _write_grid(pipe, args, out, text)
+    print(str(out))
+    return 0
+
+
+def _checked_args(args) -> tuple[Path, Path, bool]:
+    """The pipeline folder, the output PNG and whether the pipeline is text-to-image; ConfigError on bad input."""
     from o2mkd_ray.config.checks import check_out_path
     from o2mkd_ray.core.schedulers import check_scheduler_name
     from o2mkd_ray.errors import ConfigError
@@ -83,34 +93,47 @@ def sample_command(args) -> int:
         raise ConfigError("--prompt: this pipeline is unconditional; drop --prompt")
     if args.guidance_scale < 0:
         raise ConfigError(f"--guidance-scale: must be >= 0, got {args.guidance_scale}")
+    return d, out, text
 
-    import torch
+
+def _load(d: Path, text: bool, scheduler: str | None):
+    """The saved pipeline, with ``scheduler`` swapped in when given. The text-to-image pipeline (and with it
+    transformers) is imported only for a text-to-image folder."""
     from diffusers.utils import logging as dlogging
 
     from o2mkd_ray.core.schedulers import make_scheduler
-    from o2mkd_ray.eval.sampling import save_grid
-    from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
-    from o2mkd_ray.pipelines.unconditional import O2MKDPipeline
+    from o2mkd_ray.errors import ConfigError
 
     dlogging.disable_progress_bar()  # stderr stays for errors
     if text:
         from transformers.utils import logging as tlogging
 
+        from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline as cls
+
         tlogging.disable_progress_bar()
+    else:
+        from o2mkd_ray.pipelines.unconditional import O2MKDPipeline as cls
     try:
-        pipe = (O2MKDStableDiffusionPipeline if text else O2MKDPipeline).from_pretrained(d)
+        pipe = cls.from_pretrained(d)
     except (OSError, ValueError, KeyError, TypeError) as e:  # what diffusers raises on a damaged folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"pipeline folder {str(d)!r} cannot be loaded ({first}); re-run distill with the same "
                           "--out to re-assemble it") from None
-    if args.scheduler and text:  # through the constructor, which normalises SD schedulers (clip_sample, offset)
-        pipe = type(pipe)(**{**pipe.components, "scheduler": make_scheduler(args.scheduler, pipe.scheduler.config)})
-    elif args.scheduler:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if scheduler and text:  # through the constructor, which normalises SD schedulers (clip_sample, offset)
+        pipe = type(pipe)(**{**pipe.components, "scheduler": make_scheduler(scheduler, pipe.scheduler.config)})
+    elif scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return pipe
+
+
+def _write_grid(pipe, args, out: Path, text: bool) -> None:
+    """Samples ``--num-images`` images (one row per ``--prompt`` for text-to-image) into one PNG grid."""
+    import torch
+
+    from o2mkd_ray.eval.sampling import sample_images, save_grid
+
     if text:
         pipe.set_progress_bar_config(disable=True)
-        from o2mkd_ray.eval.sampling import sample_images
-
         rows = [sample_images(pipe, [p] * args.num_images, steps=args.steps, guidance_scale=args.guidance_scale,
                               seed=args.seed, negative_prompt=args.negative_prompt) for p in args.prompt]
         save_grid(rows, [f"{p!r}, guidance {args.guidance_scale}" for p in args.prompt], out,
@@ -120,5 +143,3 @@ def sample_command(args) -> int:
         imgs = pipe(batch_size=args.num_images, generator=g, num_inference_steps=args.steps, eta=args.eta,
                     output_type="np").images
         save_grid([imgs], [f"{type(pipe.scheduler).__name__} {args.steps} steps"], out)
-    print(str(out))
-    return 0

@@ -28,7 +28,6 @@ from o2mkd_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-
 KD_METHODS: dict[str, type[nn.Module]] = {}
 
 

@@ -28,15 +28,7 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
             block with zero channels fails here rather than in a Ray worker.
     """
     if tcfg.factory:
-        model, scheduler = load_factory(tcfg.factory)  # a user-named factory: calling it is what they asked for
-        _check_prediction_type(getattr(scheduler.config, "prediction_type", "epsilon"), tcfg.factory)
-        cfg = getattr(model, "config", None)
-        ucfg = dict(cfg) if cfg is not None and hasattr(cfg, "keys") else {}
-        _check_shapes(ucfg, data)
-        T = getattr(scheduler.config, "num_train_timesteps", None)
-        n = _check_segments(segments, T)
-        if students is not None and n is not None:
-            _check_students(students, n, lambda: model)
+        _check_factory_teacher(tcfg, data, segments, students)
         return
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
     if not looks_local(spec):
@@ -60,6 +52,26 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
     cfg_file = p / sub / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} not found; is {spec!r} a diffusers UNet folder?")
+    _check_folder_teacher(tcfg, p, sub, kind, data, segments, students)
+
+
+def _check_factory_teacher(tcfg: TeacherConfig, data, segments, students) -> None:
+    """``teacher.factory``: the model it returns, its scheduler, shapes, segments and students."""
+    model, scheduler = load_factory(tcfg.factory)  # a user-named factory: calling it is what they asked for
+    _check_prediction_type(getattr(scheduler.config, "prediction_type", "epsilon"), tcfg.factory)
+    cfg = getattr(model, "config", None)
+    ucfg = dict(cfg) if cfg is not None and hasattr(cfg, "keys") else {}
+    _check_shapes(ucfg, data)
+    T = getattr(scheduler.config, "num_train_timesteps", None)
+    n = _check_segments(segments, T)
+    if students is not None and n is not None:
+        _check_students(students, n, lambda: model)
+
+
+def _check_folder_teacher(tcfg: TeacherConfig, p: Path, sub: str, kind: str, data, segments, students) -> None:
+    """A local teacher folder: its UNet class and weights, scheduler, shapes, segments and students."""
+    spec = str(p)
+    cfg_file = p / sub / "config.json"
     ucfg = read_json_config(cfg_file, "teacher.pretrained")
     cls = ucfg.get("_class_name", "UNet2DModel")
     want = "UNet2DConditionModel" if kind == "stable_diffusion" else "UNet2DModel"
@@ -157,7 +169,8 @@ def _check_segments(segments, T) -> int | None:
 
 def _check_students(st, n: int, teacher_like) -> None:
     """Every segment's student UNet config is valid: built on the meta device, so it costs no memory."""
-    from o2mkd_ray.core.students import make_unet, per_segment_values, student_config, teacher_unet_config
+    from o2mkd_ray.core.student_config import make_unet, student_config, teacher_unet_config
+    from o2mkd_ray.core.students import per_segment_values
 
     widths = per_segment_values(st.width, n, "students.width")
     layers = per_segment_values(st.layers_per_block, n, "students.layers_per_block")

@@ -79,20 +79,15 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
         ``"prompts"``: the N captions.
     """
 
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from o2mkd_ray.data.captions import load_caption_image, read_captions
+    from o2mkd_ray.data.captions import read_captions
 
     key = cond_cache_key(cfg)
     path = Path(cache_dir) / f"cond-{key}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") == key:
-                log(f"text-to-image data: reusing cache {path.name}")
-                return {**{n: f.get_tensor(n).numpy() for n in ("latents", "embeds", "uncond")},
-                        "prompts": json.loads(meta["prompts"])}
+    cached = _read_cache(path, key, log) if path is not None else None
+    if cached is not None:
+        return cached
     df = read_captions(cfg.data)
     if df.empty:
         raise ConfigError("data: no captions found; check data.path / data.name and data.caption_key")
@@ -107,14 +102,7 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
     shape = (c.in_channels, size, size)
     if "image" in df:
-        res = size * vae_scale_factor(parts["vae"])
-        log(f"text-to-image data: encoding {len(df)} images at {res}x{res} with the VAE")
-        vae, items, chunks = parts["vae"].to(device), list(df["image"]), []
-        g = torch.Generator(device).manual_seed(cfg.train.seed)
-        for i in range(0, len(items), 64):  # streamed: 30K images at 512x512 would not fit in memory at once
-            images = torch.stack([load_caption_image(im, res) for im in items[i:i + 64]])  # (B, 3, H, W) in [-1, 1]
-            chunks.append(encode_images(vae, images, g))
-        latents = torch.cat(chunks)
+        latents = _encode_caption_images(list(df["image"]), parts["vae"].to(device), size, cfg.train.seed, log)
     else:
         from o2mkd_ray.core.teacher import TeacherFn
 
@@ -127,6 +115,35 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
         with replace_file(path) as tmp:
             save_file(out, str(tmp), metadata={"key": key, "prompts": json.dumps(prompts)})
     return {**{n: v.numpy() for n, v in out.items()}, "prompts": prompts}
+
+
+def _read_cache(path: Path, key: str, log) -> dict | None:
+    """The cached arrays when ``path`` holds the cache for ``key``; else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        log(f"text-to-image data: reusing cache {path.name}")
+        return {**{n: f.get_tensor(n).numpy() for n in ("latents", "embeds", "uncond")},
+                "prompts": json.loads(meta["prompts"])}
+
+
+def _encode_caption_images(items: list, vae, size: int, seed: int, log) -> torch.Tensor:
+    """VAE latents ``(N, C, size, size)`` of the captions' images, encoded in streamed chunks of 64."""
+    from o2mkd_ray.data.captions import load_caption_image
+
+    res = size * vae_scale_factor(vae)
+    log(f"text-to-image data: encoding {len(items)} images at {res}x{res} with the VAE")
+    g = torch.Generator(vae.device).manual_seed(seed)
+    chunks = []
+    for i in range(0, len(items), 64):  # streamed: 30K images at 512x512 would not fit in memory at once
+        images = torch.stack([load_caption_image(im, res) for im in items[i:i + 64]])  # (B, 3, H, W) in [-1, 1]
+        chunks.append(encode_images(vae, images, g))
+    return torch.cat(chunks)
 
 
 def cond_dataset(cond_data: dict):

@@ -196,6 +196,8 @@ class O2MKDStableDiffusionPipeline(ImportsRecordedModules, StableDiffusionPipeli
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generates images from prompts; each denoising step runs on the student owning its timestep.
 
+        Long by its signature, which must stay ``StableDiffusionPipeline.__call__``'s for drop-in use.
+
         Everything but ``steps_per_segment`` is ``StableDiffusionPipeline.__call__``'s (same defaults, same
         random draws); further keyword arguments (``cross_attention_kwargs``, ``guidance_rescale``,
         ``clip_skip``, ``callback_on_step_end``, ...) are passed through.

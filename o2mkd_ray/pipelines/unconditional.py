@@ -100,6 +100,9 @@ class O2MKDPipeline(ImportsRecordedModules, DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """Generates images.
 
+        Long only by its diffusers-style signature and argument list (as ``DDIMPipeline.__call__``); the loop is
+        short.
+
         Args:
             batch_size: number of images.
             generator: a torch.Generator (or one per image) for reproducible noise.

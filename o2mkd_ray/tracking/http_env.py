@@ -10,14 +10,8 @@ import threading
 # would hold the driver for minutes. Inside our calls it gets one try with a short timeout; we retry ourselves.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # no tqdm bars in the driver's console
-
-
 _env_lock = threading.Lock()
-
-
 _env_depth = 0
-
-
 _env_saved: dict[str, str | None] = {}
 
 

@@ -14,20 +14,13 @@ from mlflow.utils.validation import (
 
 _SECRET_KEY = re.compile(r"token|passw(or)?d|secret|credential|api_?key|access_?key|private_?key|^auth$|"
                          r"authorization|session_?key|signature", re.I)
-
-
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-
 
 # bounded repeats: no quadratic backtracking on long values
 _SECRET_ASSIGN = re.compile(r"(?P<k>[A-Za-z0-9_.-]{0,40}(?:token|passw(?:or)?d|secret|key|sig|signature|credential)"
                             r"[A-Za-z0-9_.-]{0,40})(?P<sep>\s?[=:]\s?)(?P<v>[^&\s,;'\"]+)", re.I)
-
-
 _SECRET_VALUE = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|"
                            r"AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,}|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_.-]+)")
-
-
 REDACTED = "***"
 
 

@@ -4,7 +4,7 @@ Workers never talk to MLflow (one client, in the driver, not one per worker); th
 feeds :meth:`RunTracker.on_progress`. Everything goes through one :class:`mlflow.tracking.MlflowClient` (no
 fluent global state), so several trackers can live in one process (Tune trials).
 
-A slow or down tracking server never stops training: every MLflow call goes through ``RunTracker._call``, which
+A slow or down tracking server never stops training: every MLflow call goes through :class:`~o2mkd_ray.tracking.resilient.ResilientMlflow`, which
 retries for a bounded time, then warns once per kind of call and lists what was lost in ``tracker.not_logged``
 (the driver copies it into ``report.json``); after such a failure the tracker skips calls for ``cooldown_s``
 instead of waiting on the server again. Metrics that could not be sent stay buffered and go out with the next
@@ -16,16 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
@@ -36,85 +33,24 @@ from mlflow.utils.validation import (
 from o2mkd_ray.tracking.http_env import scoped_env
 from o2mkd_ray.tracking.pyfunc import save_pipeline_model
 from o2mkd_ray.tracking.redaction import config_params, flatten, redact, redact_config
+from o2mkd_ray.tracking.resilient import ResilientMlflow
+from o2mkd_ray.tracking.store import (
+    artifact_location,
+    git_commit,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
-
-DEFAULT_DB = "mlflow.db"  # beside the run folders: runs/mlflow.db, shared by every run under runs/
-
-
-DEFAULT_ARTIFACTS = "mlartifacts"
-
-
 PARENT_TAG = "mlflow.parentRunId"
-
-
 OUT_TAG = "o2mkd.out"  # the run folder; a rerun of an unfinished run with the same --out continues its MLflow run
-
-
 MODEL_NAME = "model"  # the pyfunc model: mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-
-
 PIPELINE_PATH = "pipeline"  # the diffusers folder, as plain run artifacts
-
-
-
-
 ARTIFACT_HTTP_TIMEOUT_S = 60  # one artifact upload may take longer than a metric batch
-
-
 MAX_BUFFERED = 50_000  # metric values per segment kept while the store is unreachable
 
 
-# errors the server gives for a bad request: retrying cannot help, and the server is fine (no cooldown)
-_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
-              "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
-
-
-def resolve_tracking_uri(cfg, out: str | Path) -> str:
-    """The tracking store for a run.
-
-    Args:
-        cfg: a :class:`~o2mkd_ray.config.schema.Config`.
-        out: the run folder (``--out``).
-    Returns:
-        ``cfg.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else an embedded store that needs no server:
-        ``sqlite:////ABS/OUT_PARENT/mlflow.db`` (absolute: Ray jobs run from an unpacked copy of the working dir).
-    """
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + str(Path(out).expanduser().resolve().parent / DEFAULT_DB)
-
-
-def _artifact_location(uri: str, experiment: str) -> str | None:
-    # a local SQLite store gets its artifacts beside the database (MLflow's default, ./mlruns, is relative to
-    # the current directory); servers and other stores decide for themselves
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        return None
-    db = Path(uri[len("sqlite:///"):])
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "default"
-    return str(db.parent / DEFAULT_ARTIFACTS / safe)
-
-
-def _git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                           text=True, timeout=5)
-        return (r.stdout.strip() or None) if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-
-
-
-
-
-
-
-
-class RunTracker:
+class RunTracker(ResilientMlflow):
     """MLflow parent run + one child run per segment, fed from the driver.
 
     Args:
@@ -136,78 +72,21 @@ class RunTracker:
     def __init__(self, tracking_uri: str | None = None, *, parent_run_id: str | None = None,
                  max_call_s: float = 10.0, http_timeout_s: float = 5.0, retries: int = 3, cooldown_s: float = 30.0,
                  resume: bool = True):
-        self._uri = tracking_uri
+        super().__init__(tracking_uri, max_call_s=max_call_s, http_timeout_s=http_timeout_s, retries=retries,
+                         cooldown_s=cooldown_s)
         self.tracking_uri: str | None = redact("tracking_uri", tracking_uri) if tracking_uri else None
         self.parent_run_id = parent_run_id
-        self.max_call_s, self.http_timeout_s, self.retries = max_call_s, http_timeout_s, retries
-        self.cooldown_s, self.resume = cooldown_s, resume
+        self.resume = resume
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.segment_runs: dict[int, str] = {}
         self.model_uri: str | None = None
-        self.not_logged: list[str] = []
-        self._client: MlflowClient | None = None
         self._cfg = None
         self._start_args: tuple | None = None
         self._resumed = False
         self._boundaries: list[int] | None = None
         self._pending: dict[int, list[Metric]] = {}
-        self._warned: set[str] = set()
-        self._down_until = 0.0
         self._lock = threading.RLock()
-
-    # ---------------------------------------------------------------------------------------------- plumbing
-
-    def _lost(self, what: str) -> None:
-        if what in self.not_logged:
-            return
-        if len(self.not_logged) < 100:  # a long outage must not grow report.json without bound
-            self.not_logged.append(what)
-        elif not self.not_logged[-1].startswith("..."):
-            self.not_logged.append("... (further losses not listed)")
-
-    def _call(self, kind: str, what: str | None, fn: Callable[[], Any], http_timeout_s: float | None = None,
-              retry_fn: Callable[[], Any] | None = None) -> Any:
-        """Runs ``fn`` with bounded retries (``retry_fn`` for the retries: creates first look for what an
-        unanswered try may have made); on failure warns once per ``kind``, records ``what`` (unless None) in
-        ``not_logged`` and returns None."""
-        if time.monotonic() < self._down_until:
-            if what:
-                self._lost(f"{what} (tracking store unavailable)")
-            return None
-        timeout = http_timeout_s or self.http_timeout_s
-        budget = max(self.max_call_s, timeout + 1.0)
-        t0, delay, err = time.monotonic(), 0.25, None
-        for attempt in range(self.retries):
-            try:
-                with scoped_env(timeout):
-                    return (retry_fn if attempt and retry_fn else fn)()
-            except MlflowException as e:
-                err = e
-                if e.error_code in _PERMANENT:
-                    break
-            except Exception as e:  # noqa: BLE001 - connection errors, timeouts, 5xx: retry, then give up
-                err = e
-            if time.monotonic() - t0 + delay + timeout > budget:  # another try could overrun the budget
-                break
-            time.sleep(delay)
-            delay *= 2
-        if not (isinstance(err, MlflowException) and err.error_code in _PERMANENT):
-            self._down_until = time.monotonic() + self.cooldown_s
-        if kind not in self._warned:
-            self._warned.add(kind)
-            msg = (str(err).splitlines() or [type(err).__name__])[0][:300]
-            log.warning("MLflow %s failed (%s: %s); training goes on, what is not logged is listed in "
-                        "report.json", kind, type(err).__name__, redact("error", msg))
-        if what:
-            self._lost(what)
-        return None
-
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(tracking_uri=self._uri)
-        return self._client
 
     # -------------------------------------------------------------------------------------------------- runs
 
@@ -238,7 +117,7 @@ class RunTracker:
         run_tags = {"o2mkd.version": __version__, "o2mkd.num_segments": str(cfg.segments.n), OUT_TAG: str(out),
                     "o2mkd.ray_address": cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local",
                     "mlflow.source.name": "o2mkd-ray"}
-        if commit := _git_commit():
+        if commit := git_commit():
             run_tags["mlflow.source.git.commit"] = commit
         if self.parent_run_id:
             run_tags[PARENT_TAG] = self.parent_run_id
@@ -257,7 +136,7 @@ class RunTracker:
             if exp is not None:
                 return exp.experiment_id
             try:
-                return self.client.create_experiment(exp_name, _artifact_location(self._uri, exp_name))
+                return self.client.create_experiment(exp_name, artifact_location(self._uri, exp_name))
             except MlflowException as e:  # created meanwhile by a concurrent run (Tune trials)
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise

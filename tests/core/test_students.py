@@ -8,7 +8,9 @@ from torch import nn
 
 from o2mkd_ray.config.schema import Config, StudentsConfig, TrainConfig
 from o2mkd_ray.core.costs import count_macs, count_params
-from o2mkd_ray.core.students import build_student, build_students, init_from_teacher, student_config
+from o2mkd_ray.core.student_config import student_config
+from o2mkd_ray.core.student_init import init_from_teacher
+from o2mkd_ray.core.students import build_student, build_students
 from o2mkd_ray.errors import ConfigError
 
 # google/ddpm-cifar10-32's UNet config (35.7M parameters), written out so the test needs no download

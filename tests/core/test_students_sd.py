@@ -7,14 +7,9 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 from o2mkd_ray.config.schema import Config, StudentsConfig, TrainConfig
 from o2mkd_ray.core.costs import count_macs, count_params
-from o2mkd_ray.core.students import (
-    build_student,
-    build_students,
-    init_from_teacher,
-    make_unet,
-    student_config,
-    teacher_unet_config,
-)
+from o2mkd_ray.core.student_config import make_unet, student_config, teacher_unet_config
+from o2mkd_ray.core.student_init import init_from_teacher
+from o2mkd_ray.core.students import build_student, build_students
 from o2mkd_ray.errors import ConfigError
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (859.5M parameters), written out so the test needs no download

@@ -20,7 +20,8 @@ from o2mkd_ray import MultiStudentUNet, O2MKDPipeline
 from o2mkd_ray.config.loading import from_dict
 from o2mkd_ray.tracking.http_env import HTTP_ENV
 from o2mkd_ray.tracking.redaction import config_params, redact
-from o2mkd_ray.tracking.tracker import RunTracker, resolve_tracking_uri
+from o2mkd_ray.tracking.store import resolve_tracking_uri
+from o2mkd_ray.tracking.tracker import RunTracker
 
 BOUNDS = [0, 300, 1000]
 TOKEN = "tok-4f1d2c9a"  # a debug.token value that must never reach MLflow
