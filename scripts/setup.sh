@@ -4,6 +4,7 @@
 #                these dev machines' disk via pip's find-links; on a GPU host PyPI serves the CUDA build)
 #   O2MKD_TORCH_INDEX  optional --index-url for torch (e.g. https://download.pytorch.org/whl/cu124)
 #   O2MKD_EXTRAS  extras to install (default: test)
+#   O2MKD_CONSTRAINTS  pip constraints file (default constraints.txt: the versions CI tested; "" for none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,5 +19,6 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     $PIP install -q "${O2MKD_TORCH:-torch==2.13.0}"
   fi
 fi
-$PIP install -q -e ".[${O2MKD_EXTRAS:-test}]"
+CONSTRAINTS=${O2MKD_CONSTRAINTS-constraints.txt}
+$PIP install -q -e ".[${O2MKD_EXTRAS:-test}]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
 .venv/bin/python -c "import o2mkd_ray, torch, ray, diffusers; print('o2mkd-ray', o2mkd_ray.__version__, '| torch', torch.__version__, '| ray', ray.__version__, '| diffusers', diffusers.__version__)"

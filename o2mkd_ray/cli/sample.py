@@ -87,6 +87,10 @@ def _checked_args(args) -> tuple[Path, Path, bool]:
     if args.scheduler:
         check_scheduler_name(args.scheduler, "--scheduler")
     text = json.loads((d / "model_index.json").read_text())["_class_name"] == "O2MKDStableDiffusionPipeline"
+    if text:
+        from o2mkd_ray.core.sd import require_text_to_image_extra
+
+        require_text_to_image_extra("pipeline")
     if text and not args.prompt:
         raise ConfigError("--prompt: this is a text-to-image pipeline; give at least one --prompt \"...\"")
     if not text and args.prompt:

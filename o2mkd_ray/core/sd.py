@@ -6,6 +6,7 @@ VAE, and distillation runs in latent space.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def is_sd_folder(path: str | Path) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
     return cls == "UNet2DConditionModel"
+
+
+def require_text_to_image_extra(key: str) -> None:
+    """ConfigError (one line naming ``key``) when the ``sd`` extra (transformers) is not installed: text-to-image
+    teachers and pipelines need it; everything unconditional runs without it."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError(f"{key}: text-to-image (Stable Diffusion) teachers and pipelines need the 'sd' extra; "
+                          "install it with pip install 'o2mkd-ray[sd]'")
 
 
 def check_sd_folder(path: str | Path, key: str = "teacher.pretrained") -> None:

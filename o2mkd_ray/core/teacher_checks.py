@@ -32,6 +32,10 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
         return
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
     if not looks_local(spec):
+        if tcfg.kind == "stable_diffusion":
+            from o2mkd_ray.core.sd import require_text_to_image_extra
+
+            require_text_to_image_extra("teacher.kind")
         if tcfg.kind == "auto":
             raise ConfigError(f"teacher.kind: cannot tell what the hub model {spec!r} is before downloading it; set "
                               "teacher.kind to unet or stable_diffusion")
@@ -45,8 +49,9 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
 
         check_kinds(kind, data.kind)
     if kind == "stable_diffusion":
-        from o2mkd_ray.core.sd import check_sd_folder
+        from o2mkd_ray.core.sd import check_sd_folder, require_text_to_image_extra
 
+        require_text_to_image_extra("teacher.kind")
         check_sd_folder(p)
     sub = tcfg.subfolder or ("unet" if (p / "unet").is_dir() else "")
     cfg_file = p / sub / "config.json"

@@ -4,6 +4,7 @@ installed Ray has moved it. The rest of the package uses Ray's public API only.
 
 from __future__ import annotations
 
+import os
 import socket
 
 from o2mkd_ray.config.checks import ray_host_port
@@ -38,6 +39,19 @@ def check_ray_address(address: str | None, key: str = "ray.address", timeout_s: 
     except OSError as e:
         raise ConfigError(f"{key}: cannot reach a Ray cluster at {address!r} ({e.strerror or type(e).__name__}); "
                           "start it with `ray start --head` or unset ray.address/RAY_ADDRESS for a local Ray") from None
+
+
+def check_ray_version() -> None:
+    """Raises :class:`RayInternalsMoved` on a Ray outside :data:`TESTED_RAY` (set ``O2MKD_ALLOW_UNTESTED_RAY=1`` to
+    try one anyway: the internals below then fail one by one, each with its own message, if they moved)."""
+    import ray
+
+    version = tuple(int(x) for x in ray.__version__.split(".")[:2] if x.isdigit())
+    lo, hi = TESTED_RAY
+    if not lo <= version <= hi and os.environ.get("O2MKD_ALLOW_UNTESTED_RAY") != "1":
+        raise RayInternalsMoved(
+            f"Ray {ray.__version__} is untested with o2mkd-ray (tested: {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}); install "
+            f"pip install 'ray[default,train,tune]=={hi[0]}.{hi[1]}.*', or set O2MKD_ALLOW_UNTESTED_RAY=1 to try it")
 
 
 class RayInternalsMoved(ImportError):
