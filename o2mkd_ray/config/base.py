@@ -47,7 +47,8 @@ class Section(BaseModel):
 
     def to_dict(self) -> dict:
         """Returns a plain, JSON-safe copy (nested sections as dicts, same keys and order as the fields)."""
-        return self.model_dump()
+        # values assigned after construction are not checked, so they are dumped as they are, without warnings
+        return self.model_dump(warnings=False)
 
     def to_json(self) -> str:
         """Returns :meth:`to_dict` as indented JSON."""

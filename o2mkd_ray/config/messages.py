@@ -55,7 +55,8 @@ def _message(err: dict, cls: type, data: Any, prefix: str) -> str:
     key, tp, used = _resolve(cls, loc, prefix)
     key = key or "config"
     if err["type"] in _VALUE_ERRORS:
-        return f"{key}: {_bounds_message(tp, err['input']) if _bounds(tp) else raised or err['msg']}"
+        what = _bounds_message(tp, err["input"]) if _bounds(tp) else str(raised or f"bad value {err['input']!r}")
+        return f"{key}: {what}"
     value = _value_at(data, loc[:used], err["input"])
     return f"{key}: {type_message(tp, value)}"
 

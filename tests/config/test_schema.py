@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 
 import pytest
 
@@ -132,6 +133,10 @@ def test_sections_are_plain_assignable_objects():
     clone.train.steps = 1
     assert cfg.train.steps == 600
     assert TrainConfig(steps=3).steps == 3
+    with warnings.catch_warnings():  # an assigned value is not checked, and dumping it warns nobody (stderr stays clean)
+        warnings.simplefilter("error")
+        cfg.students.width = [1, 2]
+        assert cfg.to_dict()["students"]["width"] == [1, 2]
     assert Config(students=StudentsConfig(width=[0.5, 1.0])).students.width == [0.5, 1.0]
 
 
