@@ -1,6 +1,7 @@
-"""Value checks the types cannot express, and checks of the outside world (paths, Ray address).
+"""Rules the field types cannot say, as small functions the models' validators call, and checks of the world
+outside the config (paths, Ray address).
 
-Nothing here writes anything or imports torch.
+Each raises a one-line ConfigError naming the key. Nothing here writes anything or imports torch.
 """
 
 from __future__ import annotations
@@ -11,132 +12,61 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from o2mkd_ray.config.schema import Config
 from o2mkd_ray.errors import ConfigError
 
 
-def _positive(key: str, v: float | int, strict: bool = True) -> None:
-    if (v <= 0) if strict else (v < 0):
-        raise ConfigError(f"{key}: must be {'> 0' if strict else '>= 0'}, got {v}")
-
-
-def validate(cfg: Config) -> None:
-    """Checks values that types cannot express. Raises ConfigError with one line naming the key."""
-    t = cfg.teacher
-    if t.pretrained and t.factory:
+def check_teacher_source(pretrained: str | None, factory: str | None) -> None:
+    """A teacher comes from a folder/id or from a ``module:function`` factory, not both."""
+    if pretrained and factory:
         raise ConfigError("teacher: set either teacher.pretrained or teacher.factory, not both")
-    if t.factory is not None and (":" not in t.factory or not all(t.factory.split(":", 1))):
-        raise ConfigError(f"teacher.factory: expected 'module:function', got {t.factory!r}")
-    _positive("teacher.replicas", t.replicas)
-    _positive("teacher.num_cpus", t.num_cpus, strict=False)
-    _positive("teacher.num_gpus", t.num_gpus, strict=False)
-    _positive("teacher.max_batch", t.max_batch)
-    _positive("teacher.max_concurrency", t.max_concurrency)
-    _positive("teacher.max_wait_ms", t.max_wait_ms, strict=False)
+    if factory is not None and (":" not in factory or not all(factory.split(":", 1))):
+        raise ConfigError(f"teacher.factory: expected 'module:function', got {factory!r}")
 
-    if t.max_restarts < -1:
-        raise ConfigError(f"teacher.max_restarts: must be >= 0 (or -1 for no limit), got {t.max_restarts}")
 
-    s = cfg.segments
-    _positive("segments.n", s.n)
-    if s.boundaries is not None and s.fractions is not None:
-        raise ConfigError("segments: set either segments.boundaries or segments.fractions, not both")
-    if s.boundaries is not None:
+def check_fractions(fractions: list[float]) -> None:
+    """Cut points increase strictly inside (0, 1); the message names the first bad index."""
+    prev = 0.0
+    for i, f in enumerate(fractions):
+        if not prev < f < 1.0:
+            raise ConfigError(f"segments.fractions[{i}]: cut points must increase strictly inside (0, 1), got {f}")
+        prev = f
 
-        check_boundaries(s.boundaries)
-    if s.boundaries is not None and len(s.boundaries) - 1 != s.n:
-        s.n = len(s.boundaries) - 1  # explicit boundaries decide n
-    if s.fractions is not None:
-        s.n = len(s.fractions) + 1
-        prev = 0.0
-        for i, f in enumerate(s.fractions):
-            if not prev < f < 1.0:
-                raise ConfigError(f"segments.fractions[{i}]: cut points must increase strictly inside (0, 1), got {f}")
-            prev = f
 
-    st = cfg.students
-    widths = st.width if isinstance(st.width, list) else [st.width]
-    if isinstance(st.width, list) and len(st.width) != s.n:
-        raise ConfigError(f"students.width: got {len(st.width)} widths for {s.n} segments; give one number or {s.n}")
-    for i, w in enumerate(widths):
+def check_widths(width: float | list[float]) -> None:
+    """Each width multiplier is in (0, 4]."""
+    for w in width if isinstance(width, list) else [width]:
         if not 0 < w <= 4:
             raise ConfigError(f"students.width: multiplier must be in (0, 4], got {w}")
-    if isinstance(st.layers_per_block, list) and len(st.layers_per_block) != s.n:
-        raise ConfigError(f"students.layers_per_block: got {len(st.layers_per_block)} values for {s.n} segments")
-    for v in st.layers_per_block if isinstance(st.layers_per_block, list) else [st.layers_per_block]:
+
+
+def check_layers(layers_per_block: int | list[int] | None) -> None:
+    """Each ``layers_per_block`` given is >= 1."""
+    for v in layers_per_block if isinstance(layers_per_block, list) else [layers_per_block]:
         if v is not None and v < 1:
             raise ConfigError(f"students.layers_per_block: must be >= 1, got {v}")
 
-    k = cfg.kd
-    for name in ("lambda_out", "lambda_feat", "lambda_task"):
-        _positive(f"kd.{name}", getattr(k, name), strict=False)
-    if k.lambda_out + k.lambda_feat + k.lambda_task == 0:
-        raise ConfigError("kd: all of kd.lambda_out, kd.lambda_feat, kd.lambda_task are 0; nothing to train")
 
-    d = cfg.data
-    if d.kind == "image_folder" and not d.path:
+def check_per_segment(width: float | list[float], layers_per_block: int | list[int] | None, n: int) -> None:
+    """Per-segment lists of the students section have one entry per segment."""
+    if isinstance(width, list) and len(width) != n:
+        raise ConfigError(f"students.width: got {len(width)} widths for {n} segments; give one number or {n}")
+    if isinstance(layers_per_block, list) and len(layers_per_block) != n:
+        raise ConfigError(f"students.layers_per_block: got {len(layers_per_block)} values for {n} segments")
+
+
+def check_data_source(kind: str, path: str | None, name: str | None) -> None:
+    """An image folder needs data.path; torchvision and HF datasets need data.name."""
+    if kind == "image_folder" and not path:
         raise ConfigError("data.path: required for data.kind=image_folder (a folder of PNG/JPEG images)")
-    if d.kind in ("torchvision", "hf") and not d.name:
-        raise ConfigError(f"data.name: required for data.kind={d.kind} (e.g. CIFAR10)")
-    _positive("data.resolution", d.resolution)
-    if d.channels not in (1, 3, 4):
-        raise ConfigError(f"data.channels: must be 1, 3 or 4, got {d.channels}")
-    if len(d.value_range) != 2 or not d.value_range[0] < d.value_range[1]:
-        raise ConfigError(f"data.value_range: expected [low, high] with low < high, got {d.value_range}")
-    if not 0 <= d.uncond_prob < 1:
-        raise ConfigError(f"data.uncond_prob: must be in [0, 1), got {d.uncond_prob}")
-    _positive("data.synth_steps", d.synth_steps)
-    _positive("data.synth_guidance", d.synth_guidance, strict=False)
-    if d.max_prompts is not None:
-        _positive("data.max_prompts", d.max_prompts)
-    check_kinds(t.kind, d.kind)
+    if kind in ("torchvision", "hf") and not name:
+        raise ConfigError(f"data.name: required for data.kind={kind} (e.g. CIFAR10)")
 
-    tr = cfg.train
-    for name in ("steps", "batch_size", "checkpoint_every"):
-        _positive(f"train.{name}", getattr(tr, name))
-    _positive("train.lr", tr.lr)
-    _positive("train.weight_decay", tr.weight_decay, strict=False)
-    _positive("train.grad_clip", tr.grad_clip, strict=False)
-    _positive("train.val_batches", tr.val_batches, strict=False)
-    _positive("train.warmup_steps", tr.warmup_steps, strict=False)
-    _positive("train.num_threads", tr.num_threads, strict=False)
-    if not 0 <= tr.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {tr.ema_decay}")
 
-    sm = cfg.sampling
-    _positive("sampling.steps", sm.steps)
-    _positive("sampling.num_images", sm.num_images)
-    _positive("sampling.guidance_scale", sm.guidance_scale, strict=False)
-    if sm.prompts is not None and not sm.prompts:
-        raise ConfigError("sampling.prompts: give at least one prompt, or remove it to use the data's captions")
-    if not 0 <= sm.eta <= 1:
-        raise ConfigError(f"sampling.eta: must be in [0, 1], got {sm.eta}")
-
-    r = cfg.ray
-    _positive("ray.workers_per_segment", r.workers_per_segment)
-    _positive("ray.cpus_per_worker", r.cpus_per_worker, strict=False)
-    _positive("ray.gpus_per_worker", r.gpus_per_worker, strict=False)
-    if r.cpus_per_worker == 0 and r.gpus_per_worker == 0:
-        raise ConfigError("ray.cpus_per_worker: a worker needs some CPU or GPU; set cpus_per_worker > 0")
-    _positive("ray.max_failures", r.max_failures, strict=False)
-    _positive("ray.num_to_keep", r.num_to_keep)
-    _positive("ray.health_check_interval_s", r.health_check_interval_s)
-    if r.num_cpus is not None:
-        _positive("ray.num_cpus", r.num_cpus)
-    if r.address is not None:
-        ray_host_port(r.address, "ray.address")
-    for key, ov in r.segment_overrides.items():
-        if not key.isdigit() or int(key) >= s.n:
-            raise ConfigError(f"ray.segment_overrides.{key}: keys are segment indices 0..{s.n - 1}")
-        for name in ("num_workers", "cpus_per_worker", "gpus_per_worker"):
-            v = getattr(ov, name)
-            if v is not None:
-                _positive(f"ray.segment_overrides.{key}.{name}", v, strict=name == "num_workers")
-
-    _positive("mlflow.timeout_s", cfg.mlflow.timeout_s)
-    _positive("eval.num_images", cfg.eval.num_images)
-    _positive("eval.steps", cfg.eval.steps)
-    _check_debug(cfg.debug)
+def check_segment_keys(keys: list[str], n: int) -> None:
+    """``ray.segment_overrides`` is keyed by segment index, ``"0"`` .. ``"n-1"``."""
+    for key in keys:
+        if not key.isdigit() or int(key) >= n:
+            raise ConfigError(f"ray.segment_overrides.{key}: keys are segment indices 0..{n - 1}")
 
 
 def check_kinds(teacher_kind: str, data_kind: str) -> None:
@@ -149,12 +79,13 @@ def check_kinds(teacher_kind: str, data_kind: str) -> None:
                           "and teacher.pretrained to a Stable Diffusion folder or id")
 
 
-# test-only fault-injection switches (the README's "Bad input and failures" section). `debug` stays an open mapping
-# (tests put other test-only values there); a key close to a switch name is taken for a typo and rejected.
+# test-only fault-injection switches. `debug` stays an open mapping (tests put other test-only values there); a key
+# close to a switch name is taken for a typo and rejected.
 DEBUG_SWITCHES = ("kill_worker", "kill_teacher_after_requests", "kill_driver_after_checkpoints", "marker")
 
 
-def _check_debug(debug: dict) -> None:
+def check_debug(debug: dict) -> None:
+    """Checks the known fault-injection switches in ``debug``; rejects near-miss spellings of them."""
     for key, v in debug.items():
         if key not in DEBUG_SWITCHES:
             close = difflib.get_close_matches(key, DEBUG_SWITCHES, n=1, cutoff=0.8)

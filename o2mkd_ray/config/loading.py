@@ -1,128 +1,62 @@
-"""Building a :class:`Config` from YAML or plain data: type checks, ``--set a.b=c`` overrides, did-you-mean.
+"""Building a :class:`Config` from YAML or plain data: ``--set a.b=c`` overrides, did-you-mean, one-line errors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from o2mkd_ray.config.checks import validate
-from o2mkd_ray.config.schema import Config
+from o2mkd_ray.config.base import validate_as
+from o2mkd_ray.config.schema import WHOLE_RUN, Config
 from o2mkd_ray.errors import ConfigError
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (a,) = typing.get_args(tp)
-        return f"list of {_type_name(a)}"
-    if origin is dict:
-        return "mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        last: ConfigError | None = None
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                last = e
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from last
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        (a,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, a, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp)
-        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
 def build_section(cls: type, data: Any, prefix: str = "") -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+    """Builds one config section (or any config model or plain dataclass of config types) from a mapping.
+
+    Args:
+        cls: e.g. :class:`~o2mkd_ray.config.schema.TeacherConfig`.
+        data: its fields as plain data; None means all defaults.
+        prefix: its dotted key in the config tree, for messages ("" when it stands alone).
+    Returns:
+        An instance of ``cls``; a ConfigError line names the key of the first problem.
+    """
+    return validate_as(cls, data, prefix)
 
 
 def known_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of the config tree (for did-you-mean and Tune space checks)."""
+    """All dotted leaf keys of the config tree (for did-you-mean and Tune space checks).
+
+    Args:
+        cls: the model whose keys to list (the whole :class:`Config` by default).
+        prefix: dotted key of ``cls``.
+    Returns:
+        Keys such as ``train.steps``, in field order.
+    """
     out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += known_keys(hints[f.name], key)
+    for name, f in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = f.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            out += known_keys(tp, key)
         else:
             out.append(key)
     return out
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"a.b=c"`` -> ``("a.b", yaml-parsed c)``."""
+    """Splits one ``--set`` item.
+
+    Args:
+        item: ``"a.b=c"``.
+    Returns:
+        ``("a.b", c)`` with ``c`` parsed as YAML (an empty value is None; unparsable YAML stays the raw string).
+    """
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set students.width=0.5")
     key, raw = item.split("=", 1)
@@ -135,7 +69,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
-    """Sets ``data[a][b] = value`` for ``key = "a.b"``; checks the key against the config tree."""
+    """Sets ``data[a][b] = value`` for ``key = "a.b"``, creating mappings on the way.
+
+    Args:
+        data: nested mappings, changed in place.
+        key: a dotted key of the config tree (or a sub-key of ``students.unet``, ``ray.segment_overrides``, ``debug``).
+        value: the value to set.
+    """
     parts = key.split(".")
     if not all(parts):
         raise ConfigError(f"--set {key}: empty key part")
@@ -155,13 +95,19 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
+    """Builds and checks a whole run's config from plain data and ``--set`` overrides.
+
+    Args:
+        data: the config as nested mappings (e.g. parsed YAML, or ``cfg.to_dict()``); the caller's copy is untouched.
+        overrides: ``["a.b=c", ...]``, applied in order.
+    Returns:
+        A :class:`Config` that passed every rule, those between sections included.
+    """
     data = json.loads(json.dumps(data or {}))  # deep copy, JSON-safe
     for item in overrides or []:
         k, v = parse_override(item)
         set_dotted(data, k, v)
-    cfg = build_section(Config, data)
-    validate(cfg)
-    return cfg
+    return validate_as(Config, data, context={WHOLE_RUN: True})
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

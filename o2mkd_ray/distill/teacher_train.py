@@ -108,7 +108,7 @@ def train_teacher(cfg: TeacherTrainConfig, out: str | None = None, progress: boo
         "wall_s": round(time.time() - t0, 1),
         "params": sum(p.numel() for p in unet.parameters()),
         "out": str(out_dir),
-        "config": dataclasses.asdict(cfg),
+        "config": {**dataclasses.asdict(cfg), "data": cfg.data.to_dict()},  # data is a pydantic section
     }
     write_json(out_dir / "training.json", summary)
     return summary
