@@ -17,11 +17,16 @@ DIST = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "cleanfid"
 TEXT_TO_IMAGE_ONLY = {"o2mkd_ray/pipelines/stable_diffusion.py"}
 
 
+def _dist(module: str) -> str:
+    return DIST.get(module, module).lower().replace("_", "-")
+
+
 def _requirements() -> tuple[set[str], dict[str, set[str]]]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     name = re.compile(r"^[A-Za-z0-9_.-]+")
-    base = {name.match(r)[0].lower() for r in project["dependencies"]}
-    extras = {k: {name.match(r)[0].lower() for r in v} for k, v in project["optional-dependencies"].items()}
+    base = {name.match(r)[0].lower().replace("_", "-") for r in project["dependencies"]}
+    extras = {k: {name.match(r)[0].lower().replace("_", "-") for r in v}
+              for k, v in project["optional-dependencies"].items()}
     return base, extras
 
 
@@ -49,8 +54,7 @@ def _imports() -> dict[str, list[tuple[str, bool]]]:
 def test_every_imported_package_is_declared():
     base, extras = _requirements()
     declared = base | set().union(*extras.values())
-    missing = {m: sites[0][0] for m, sites in _imports().items() if DIST.get(m, m).lower() not in declared
-               and DIST.get(m, m).lower().replace("_", "-") not in declared}
+    missing = {m: sites[0][0] for m, sites in _imports().items() if _dist(m) not in declared}
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 
 
@@ -58,7 +62,7 @@ def test_optional_packages_load_only_where_needed():
     base, _ = _requirements()
     eager = []
     for mod, sites in _imports().items():
-        if DIST.get(mod, mod).lower() in base:
+        if _dist(mod) in base:
             continue
         eager += [f"{f}: {mod}" for f, top in sites if top and f not in TEXT_TO_IMAGE_ONLY]
     assert not eager, f"optional packages imported at module level: {eager}"
