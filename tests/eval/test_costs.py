@@ -1,10 +1,13 @@
 """One definition of cost (``o2mkd_ray.core.costs``): a whole sampling run, each step on the student owning its
 timestep, guidance as 2 passes; distill's report.json, eval and tune report the same figure for one config.
+
+Also the shared evaluation pieces the two front ends build their reports from (image fidelity, report nulls).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -146,3 +149,39 @@ def test_text_to_image_distill_and_eval_count_guidance_alike(tiny_sd_dir, prompt
     assert cost["unet_batch_per_image"] == 2 and cost["o2mkd"]["macs_per_run"] == run["o2mkd_macs_per_run"]
     assert cost["macs_ratio_run"] == distill["macs_ratio_per_step"] == evaluation["metrics"]["macs_ratio_run"]
     assert json.loads((out / "eval" / "report.json").read_text())["cost"] == cost
+
+
+# ------------------------------------------------------------------------------------------------------------
+# shared evaluation pieces
+
+
+def test_image_fidelity_caps_identical_images():
+    from o2mkd_ray.eval.measures import PSNR_CAP_DB, image_fidelity
+
+    a = np.zeros((3, 4, 4, 1))
+    b = a.copy()
+    b[1] += 0.1  # MSE 0.01: 20 dB
+    f = image_fidelity(a, b)
+    assert f["mse"].tolist() == pytest.approx([0.0, 0.01, 0.0])
+    assert f["psnr_db"].tolist() == pytest.approx([PSNR_CAP_DB, 20.0, PSNR_CAP_DB])
+    assert f["num_capped"] == 2 and f["capped"].tolist() == [True, False, True]
+    assert f["psnr_min_db"] == pytest.approx(20.0) and f["mse_max"] == pytest.approx(0.01)
+
+
+def test_finish_report_gives_every_null_a_reason(tmp_path):
+    from o2mkd_ray.eval.report import finish_report, write_report
+
+    report = {"latency": {"speedup": None, "teacher_s": 1.0}, "x": float("nan"), "clip": {},
+              "fid": {"backend": "random-conv",
+                      "a_vs_b": {"fid": None, "kid": None, "kid_std": None, "null_reason": "too few"}}}
+    done = finish_report(report, {"ok": np.float32(2.0), "bad": float("inf"), "none": None},
+                         {"clip": "skipped"})
+    assert done["metrics"] == {"ok": 2.0}
+    nulls = done["null_reasons"]
+    assert nulls["latency.speedup"].startswith("O2MKD sampling time measured as 0 s")
+    assert nulls["x"].startswith("not finite") and nulls["clip"] == "skipped"
+    assert {nulls[f"fid.a_vs_b.{k}"] for k in ("fid", "kid", "kid_std")} == {"too few"}
+    written = write_report(tmp_path, done, [tmp_path / "plot.png"], markdown="# hi\n")
+    assert [p.split("/")[-1] for p in written["files"]] == ["report.md", "report.json", "plot.png"]
+    on_disk = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: math.nan)
+    assert on_disk == written and (tmp_path / "report.md").read_text() == "# hi\n"
