@@ -10,11 +10,14 @@ from o2mkd_ray.eval.evaluate import evaluate_run
 
 def add_eval_parser(subparsers):
     """Adds ``eval OUT [--num-images N] [--steps S]`` to an argparse subparsers object; returns the parser."""
-    p = subparsers.add_parser("eval", help="evaluate a distill run: agreement, trajectory fidelity, FID/KID, "
-                                           "cost, latency (writes OUT/eval/)")
+    p = subparsers.add_parser("eval", help="evaluate a distill run against its teacher: image fidelity, FID/KID, "
+                                           "cost, latency; agreement per timestep (unconditional) or CLIP score "
+                                           "(text-to-image); writes OUT/eval/")
     p.add_argument("out", help="run folder written by `o2mkd-ray distill --out OUT`")
     p.add_argument("--num-images", type=int, default=None, help="images per model (default eval.num_images)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default eval.steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default eval.steps): DDIM for unconditional runs, the run's own "
+                        "scheduler for text-to-image runs")
     return p
 
 

@@ -1,16 +1,26 @@
-"""The one definition of cost: parameters, MACs per forward (``torch.utils.flop_counter``), and sampling cost
-per run, weighted by the steps each student actually takes.
+"""The one definition of cost, used by distill (``report.json``), eval and tune.
+
+* per forward: parameters and MACs of one UNet call at batch 1 (:func:`forward_cost`, via
+  ``torch.utils.flop_counter``);
+* per sampling run: the MACs of every UNet call the sampler makes, each timestep on the student that owns it
+  (:func:`sampling_cost`), on the timesteps of the run's scheduler and step count (:func:`sampler_timesteps`),
+  with classifier-free guidance as 2 passes per call (:func:`guidance_passes`). The cost of an O2MKD run is
+  its ratio to the teacher's run on the same timesteps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from o2mkd_ray.core.schedulers import make_scheduler
+from o2mkd_ray.core.segments import Segments
 
 
 def count_params(model: nn.Module) -> int:
@@ -88,7 +98,92 @@ def count_macs(
     return counter.get_total_flops() // 2
 
 
-def costs(model: nn.Module, shape, seq_len: int = 77) -> dict:
-    """Parameters and MACs of one forward at batch 1; a text-conditioned UNet sees ``seq_len`` text tokens."""
+def forward_cost(model: nn.Module, shape: Sequence[int], seq_len: int = 77) -> dict:
+    """Parameters and MACs of one forward at batch 1.
 
+    Args:
+        model: a UNet (or any module called as ``model(x, t)``).
+        shape: the input ``(C, H, W)`` (latents for Stable Diffusion).
+        seq_len: text tokens a text-conditioned UNet sees (ignored by unconditional ones).
+    Returns:
+        ``{"params": int, "macs": int}``.
+    """
     return {"params": int(count_params(model)), "macs": int(count_macs(model, (1, *shape), seq_len=seq_len))}
+
+
+costs = forward_cost  # the name run folders and tests used before the sampling cost joined it
+
+
+def guidance_passes(guidance_scale: float | None, unet_config: Mapping | None = None) -> int:
+    """UNet passes per sampler call: 2 with classifier-free guidance (conditional and unconditional branch),
+    else 1.
+
+    Guidance applies as in diffusers' ``StableDiffusionPipeline``: ``guidance_scale > 1`` and a UNet without
+    ``time_cond_proj_dim`` (guidance-distilled UNets take the scale as an input instead of a second branch).
+
+    Args:
+        guidance_scale: the sampler's guidance weight; None for unconditional sampling.
+        unet_config: the sampling UNet's config (a mapping); None reads as no ``time_cond_proj_dim``.
+    Returns:
+        1 or 2.
+    """
+    distilled = unet_config is not None and unet_config.get("time_cond_proj_dim") is not None
+    return 2 if guidance_scale is not None and guidance_scale > 1 and not distilled else 1
+
+
+def scheduler_timesteps(scheduler, steps: int) -> list[int]:
+    """The timesteps of one sampling run of ``steps`` steps on (a copy of) ``scheduler``: one entry per UNet
+    call, so a scheduler that calls the UNet twice on a timestep (PNDM's warm-up, Heun) lists it twice.
+
+    Args:
+        scheduler: a diffusers sampling scheduler instance (left untouched).
+        steps: ``num_inference_steps``.
+    Returns:
+        The timesteps as ints (fractional ones floored, as :meth:`Segments.owner` does).
+    """
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(int(steps))
+    return [int(float(t) // 1) for t in sched.timesteps]
+
+
+def sampler_timesteps(scheduler_name: str, scheduler_config, steps: int) -> list[int]:
+    """:func:`scheduler_timesteps` of the scheduler ``scheduler_name`` (``sampling.scheduler``: a short name or
+    a diffusers class) on the teacher's noise schedule ``scheduler_config``."""
+    return scheduler_timesteps(make_scheduler(scheduler_name, scheduler_config), steps)
+
+
+def sampling_cost(student_macs: Sequence[int], teacher_macs: int, boundaries: Sequence[int],
+                  timesteps: Iterable[float], passes: int = 1) -> dict:
+    """MACs of one sampling run per image, O2MKD (each call on the student owning its timestep) vs the teacher
+    on the same timesteps.
+
+    ``o2mkd = passes · Σ_k n_k · MACs_k`` with ``n_k`` the calls on timesteps student k owns;
+    ``teacher = passes · len(timesteps) · MACs_T``; ``macs_ratio = o2mkd / teacher``. The ratio weights each
+    student by the steps it takes in this run, not by its share of ``[0, T)``, and does not depend on
+    ``passes``.
+
+    Args:
+        student_macs: MACs of one forward of each student (:func:`forward_cost`).
+        teacher_macs: MACs of one teacher forward.
+        boundaries: segment boundaries ``[0, b_1, ..., T]``.
+        timesteps: one entry per UNet call (:func:`sampler_timesteps`).
+        passes: UNet passes per call (:func:`guidance_passes`).
+    Returns:
+        ``unet_calls``, ``passes``, ``steps_per_student``, ``student_macs_per_step``, ``teacher_macs_per_step``,
+        ``student_macs_per_run`` (per student), ``o2mkd_macs_per_run``, ``teacher_macs_per_run``,
+        ``macs_ratio``.
+    Raises:
+        ValueError: ``student_macs`` does not hold one entry per segment.
+    """
+    seg = Segments(boundaries)
+    if len(student_macs) != seg.n:
+        raise ValueError(f"sampling_cost: {len(student_macs)} student MACs for {seg.n} segments "
+                         f"{list(boundaries)}")
+    owners = [seg.owner(t) for t in timesteps]
+    steps = [owners.count(k) for k in range(seg.n)]
+    per_run = [int(m) * n * passes for m, n in zip(student_macs, steps)]
+    teacher_run = int(teacher_macs) * len(owners) * passes
+    return {"unet_calls": len(owners), "passes": passes, "steps_per_student": steps,
+            "student_macs_per_step": [int(m) for m in student_macs], "teacher_macs_per_step": int(teacher_macs),
+            "student_macs_per_run": per_run, "o2mkd_macs_per_run": sum(per_run),
+            "teacher_macs_per_run": teacher_run, "macs_ratio": sum(per_run) / max(1, teacher_run)}

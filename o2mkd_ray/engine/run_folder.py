@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.core.segments import Segments
@@ -18,7 +16,7 @@ from o2mkd_ray.distill.run_folder import finished_summary, is_text_to_image
 def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, shape, teacher_stats: dict,
                t_start: float, extra: dict | None = None) -> dict:
     """Assembles OUT/pipeline from OUT/segments/*, writes samples.png and report.json."""
-    from o2mkd_ray.core.costs import costs
+    from o2mkd_ray.core.costs import forward_cost, guidance_passes, sampling_cost, scheduler_timesteps
     from o2mkd_ray.core.schedulers import make_scheduler
     from o2mkd_ray.eval.sampling import write_samples
     from o2mkd_ray.pipelines.build import build_pipeline, load_student
@@ -39,18 +37,24 @@ def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, s
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     seg_reports = []
     for k, (s, st) in enumerate(zip(summaries, students)):
-        seg_reports.append({**{key: v for key, v in s.items() if key != "history"}, **costs(st, shape, seq_len)})
+        seg_reports.append({**{key: v for key, v in s.items() if key != "history"},
+                            **forward_cost(st, shape, seq_len)})
     t0 = time.time()
     if sd:
         samples = write_sd_samples(cfg, teacher_pipe, pipe, sampling_prompts(cfg), out / "samples.png")
     else:
         samples = write_samples(cfg, teacher, pipe, scheduler.config, shape, out / "samples.png")
     samples["wall_s"] = round(time.time() - t0, 2)
-    t_cost = costs(teacher, shape, seq_len)
+    t_cost = forward_cost(teacher, shape, seq_len)
+    # one sampling run of the saved pipeline's scheduler at sampling.steps, each step on its owner
+    run_cost = sampling_cost([s["macs"] for s in seg_reports], t_cost["macs"], segments.boundaries,
+                             scheduler_timesteps(pipe.scheduler, cfg.sampling.steps),
+                             guidance_passes(cfg.sampling.guidance_scale, teacher.config) if sd else 1)
     report = {
         "name": cfg.name, "out": str(out), "num_segments": segments.n, "boundaries": list(segments.boundaries),
         "segments": seg_reports, "teacher": {**teacher_stats, **t_cost}, "samples": samples,
-        "macs_ratio_per_step": float(np.mean([s["macs"] for s in seg_reports])) / max(1, t_cost["macs"]),
+        "macs_ratio_per_step": run_cost["macs_ratio"],
+        "sampling_cost": {"scheduler": cfg.sampling.scheduler, "steps": cfg.sampling.steps, **run_cost},
         "wall_s": round(time.time() - t_start, 2), **(extra or {}),
     }
     write_json(out / "report.json", report)

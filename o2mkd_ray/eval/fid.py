@@ -271,3 +271,29 @@ def fid_kid(space: FeatureSpace, sets: dict[str, np.ndarray], pairs: list[tuple[
                    "null_reason": "FID/KID need at least 2 images per set"}
         out[f"{a}_vs_{b}"] = row
     return out
+
+
+def fid_section(space: FeatureSpace, sets: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+                note: str) -> dict:
+    """The report's FID/KID fields: ``fid_backend``, ``fid_backend_reason`` and ``fid`` (the space's labels, a
+    ``note`` on the sample sizes, and :func:`fid_kid` of each pair).
+
+    Args:
+        space: from :func:`fid_feature_space`.
+        sets, pairs: as :func:`fid_kid`.
+        note: how the sets were drawn (sizes, pairing), for the reader.
+    Returns:
+        The three report fields.
+    """
+    return {"fid_backend": space.backend, "fid_backend_reason": space.reason,
+            "fid": {"backend": space.backend, "comparable_to_published": space.comparable_to_published,
+                    "note": note, **fid_kid(space, sets, pairs)}}
+
+
+def fid_metrics(section: dict) -> dict:
+    """``{fid_<pair>: FID, kid_<pair>: KID}`` of each pair of a :func:`fid_section`, for the report's metrics."""
+    out = {}
+    for pair, vals in section["fid"].items():
+        if isinstance(vals, dict):
+            out[f"fid_{pair}"], out[f"kid_{pair}"] = vals["fid"], vals["kid"]
+    return out

@@ -1,11 +1,10 @@
-"""Teacher agreement per timestep, trajectory fidelity, latency: plain torch/diffusers, no Ray or MLflow.
+"""Teacher agreement per timestep, trajectory fidelity and latency of unconditional runs: plain torch/diffusers,
+no Ray or MLflow.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from typing import Callable
 
 import numpy as np
@@ -17,9 +16,11 @@ from o2mkd_ray.core.schedulers import make_scheduler
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.teacher import eps_of
 from o2mkd_ray.eval.fid import FID_SEED_OFFSET
-from o2mkd_ray.eval.sampling import student_images, teacher_images
+from o2mkd_ray.eval.measures import PSNR_CAP_DB, image_fidelity, paired_latency, sample_shape_of
+from o2mkd_ray.eval.sampling import sampling_state, student_images, teacher_images
 
-PSNR_CAP_DB = 100.0  # PSNR of identical images (MSE 0) is +inf; reported as this cap
+__all__ = ["PSNR_CAP_DB", "latency", "pipe_sample_shape", "segment_summary", "teacher_agreement",
+           "trajectory_fidelity"]
 
 
 @torch.no_grad()
@@ -97,19 +98,8 @@ def segment_summary(agreement: pd.DataFrame) -> pd.DataFrame:
 
 
 def pipe_sample_shape(pipe) -> tuple[int, int, int]:
-    cfg = pipe.students.config
-    size = cfg.sample_size
-    return (cfg.in_channels, *((size, size) if isinstance(size, int) else tuple(size)))
-
-
-@contextlib.contextmanager
-def _scheduler(pipe, scheduler):
-    old = pipe.scheduler
-    pipe.scheduler = scheduler
-    try:
-        yield pipe
-    finally:
-        pipe.scheduler = old
+    """``(C, H, W)`` of the students' inputs in an :class:`O2MKDPipeline`."""
+    return sample_shape_of(pipe.students.config)
 
 
 def trajectory_fidelity(teacher_model: nn.Module, pipe, steps: int, num_images: int, seed: int, value_range,
@@ -133,83 +123,31 @@ def trajectory_fidelity(teacher_model: nn.Module, pipe, steps: int, num_images: 
     base = scheduler_config if scheduler_config is not None else pipe.scheduler.config
     t_img = teacher_images(teacher_model, make_scheduler("ddim", base), pipe_sample_shape(pipe), value_range,
                            num_images, steps, seed, eta=0.0)
-    with _scheduler(pipe, make_scheduler("ddim", base)):
+    with sampling_state(pipe, make_scheduler("ddim", base)):
         s_img = student_images(pipe, num_images, steps, seed, eta=0.0)
-    mse = ((t_img.astype(np.float64) - s_img.astype(np.float64)) ** 2).reshape(num_images, -1).mean(1)
-    with np.errstate(divide="ignore"):
-        psnr = np.where(mse > 0, 10.0 * np.log10(1.0 / np.maximum(mse, 1e-300)), np.inf)  # peak 1.0 in [0, 1]
-    capped = psnr >= psnr_cap_db
-    psnr = np.minimum(psnr, psnr_cap_db)
-    per = pd.DataFrame({"sample": np.arange(num_images), "mse": mse, "psnr_db": psnr, "capped": capped})
-    return {"per_sample": per, "mse_mean": float(mse.mean()), "mse_max": float(mse.max()),
-            "psnr_mean_db": float(psnr.mean()), "psnr_min_db": float(psnr.min()),
-            "psnr_cap_db": float(psnr_cap_db),
-            "num_capped": int(capped.sum()), "teacher_images": t_img, "o2mkd_images": s_img}
-
-
-def cost_report(teacher_model: nn.Module, multi, steps: int, scheduler_config, shape) -> dict:
-    """Params and MACs per step of the teacher and each student, and for a whole DDIM sampling run per image.
-
-    A run of ``steps`` steps costs ``Σ_t MACs(owner(t))`` for O2MKD (each step on the student owning its t)
-    against ``steps × MACs(teacher)``. MACs via :func:`o2mkd_ray.core.costs.count_macs` at batch 1.
-    """
-    from o2mkd_ray.core.costs import count_macs, count_params
-
-    sched = make_scheduler("ddim", scheduler_config)
-    sched.set_timesteps(steps)
-    owners = [multi.segments.owner(int(t)) for t in sched.timesteps]
-    t_macs = int(count_macs(teacher_model, (1, *shape)))
-    t_params = int(count_params(teacher_model))
-    students = []
-    for k in range(multi.num_students):
-        lo, hi = multi.segments.range(k)
-        s = multi.student(k)
-        macs = int(count_macs(s, (1, *shape)))
-        n = owners.count(k)
-        students.append({"segment": k, "t_lo": lo, "t_hi": hi, "params": int(count_params(s)),
-                         "macs_per_step": macs, "steps_in_run": n, "macs_in_run": macs * n})
-    run = sum(s["macs_in_run"] for s in students)
-    total = sum(s["params"] for s in students)
-    return {
-        "steps": steps,
-        "teacher": {"params": t_params, "macs_per_step": t_macs, "macs_per_run": t_macs * steps},
-        "students": students,
-        "o2mkd": {"params_total": total, "params_max_student": max(s["params"] for s in students),
-                  "macs_per_run": run, "mean_macs_per_step": run / max(1, steps)},
-        "macs_ratio_run": run / max(1, t_macs * steps),  # O2MKD / teacher, same steps
-        "params_ratio_max_student": max(s["params"] for s in students) / max(1, t_params),  # held per step
-        "params_ratio_total": total / max(1, t_params),  # held in memory for a whole run
-    }
+    fid = image_fidelity(t_img, s_img, psnr_cap_db)
+    per = pd.DataFrame({"sample": np.arange(num_images), "mse": fid.pop("mse"), "psnr_db": fid.pop("psnr_db"),
+                        "capped": fid.pop("capped")})
+    return {"per_sample": per, **fid, "teacher_images": t_img, "o2mkd_images": s_img}
 
 
 def latency(teacher_model: nn.Module, pipe, steps: int, batch: int, value_range, scheduler_config=None,
             repeats: int = 3, seed: int = 0) -> dict:
-    """Wall-clock seconds of one DDIM sampling run, teacher vs O2MKD, same steps and batch; median of
-    ``repeats`` interleaved runs after one warm-up each. ``speedup`` = teacher / O2MKD."""
+    """Wall-clock seconds of one DDIM sampling run of ``batch`` images, teacher vs O2MKD, same steps; median of
+    ``repeats`` interleaved runs after one warm-up each (:func:`o2mkd_ray.eval.measures.paired_latency`).
+
+    Returns:
+        ``steps``, ``batch``, ``device`` and :func:`~o2mkd_ray.eval.measures.paired_latency`'s fields;
+        ``speedup`` = teacher / O2MKD.
+    """
     base = scheduler_config if scheduler_config is not None else pipe.scheduler.config
     shape = pipe_sample_shape(pipe)
-    sync = torch.cuda.synchronize if next(teacher_model.parameters()).is_cuda else (lambda: None)
-
-    def timed(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
+    device = next(teacher_model.parameters()).device
 
     def run_teacher():
         teacher_images(teacher_model, make_scheduler("ddim", base), shape, value_range, batch, steps, seed)
 
-    def run_o2mkd():
-        student_images(pipe, batch, steps, seed)
-
-    with _scheduler(pipe, make_scheduler("ddim", base)):
-        run_teacher(), run_o2mkd()  # warm-up
-        t_runs, s_runs = [], []
-        for _ in range(max(1, repeats)):
-            t_runs.append(timed(run_teacher))
-            s_runs.append(timed(run_o2mkd))
-    t_med, s_med = float(np.median(t_runs)), float(np.median(s_runs))
-    return {"steps": steps, "batch": batch, "repeats": len(t_runs), "teacher_s": t_med, "o2mkd_s": s_med,
-            "speedup": t_med / s_med if s_med > 0 else None, "teacher_runs_s": t_runs, "o2mkd_runs_s": s_runs,
-            "device": str(next(teacher_model.parameters()).device), "torch_threads": torch.get_num_threads()}
+    with sampling_state(pipe, make_scheduler("ddim", base)):
+        lat = paired_latency(run_teacher, lambda: student_images(pipe, batch, steps, seed), repeats,
+                             cuda=device.type == "cuda")
+    return {"steps": steps, "batch": batch, **lat, "device": str(device)}

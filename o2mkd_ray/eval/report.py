@@ -1,8 +1,8 @@
-"""The report of :func:`o2mkd_ray.eval.evaluate.evaluate_run`: plots (``agreement_vs_t.png``,
-``quality_vs_cost.png``), the markdown ``report.md`` and the JSON-safe copy for ``report.json``.
+"""The reports of :func:`o2mkd_ray.eval.evaluate.evaluate_run`: plots (``agreement_vs_t.png``,
+``quality_vs_cost.png``), the markdown ``report.md``, and for both run kinds the JSON-safe report with its
+headline metrics and null reasons (:func:`finish_report`), written atomically (:func:`write_report`).
 
-Used by :mod:`o2mkd_ray.eval.evaluate`, which re-exports these names; ``get_pyplot`` is shared by the other plots
-(tuning, analysis).
+``get_pyplot`` is shared by the other plots (tuning, analysis).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from o2mkd_ray.core.atomic import replace_file
+from o2mkd_ray.core.atomic import replace_file, write_json, write_text
 
 
 def get_pyplot():
@@ -101,8 +101,62 @@ def finite_json(obj, path: str, nulls: dict):
     return obj
 
 
-def markdown_report(report: dict, per_seg: pd.DataFrame, fid: dict, cost: dict, lat: dict) -> str:
-    s, tr = report["settings"], report["trajectory"]
+def finish_report(report: dict, metrics: dict, reasons: dict[str, str] | None = None) -> dict:
+    """The report as written: JSON-safe (:func:`finite_json`), with ``metrics`` and ``null_reasons``.
+
+    Every null gets a reason: ``reasons`` given by the caller (e.g. a step that was skipped), a FID/KID pair's
+    own ``null_reason``, a latency ``speedup`` of None (O2MKD timed at 0 s), else "not finite".
+
+    Args:
+        report: the nested report (numpy scalars and non-finite floats allowed).
+        metrics: flat ``{name: number}`` headline numbers, for experiment tracking; None and non-finite values
+            are left out.
+        reasons: ``{dotted.path: reason}`` for fields the caller left null on purpose.
+    Returns:
+        A new dict: the JSON-safe report plus ``metrics`` and ``null_reasons``.
+    """
+    nulls = dict(reasons or {})
+    lat = report.get("latency")
+    if isinstance(lat, dict) and lat.get("speedup") is None:
+        nulls["latency.speedup"] = "O2MKD sampling time measured as 0 s; no ratio"
+    out = finite_json(report, "", nulls)
+    for pair, vals in (out.get("fid") or {}).items():  # fid_kid's reasons are more precise than "not finite"
+        if isinstance(vals, dict) and "null_reason" in vals:
+            for key in ("fid", "kid", "kid_std"):
+                if vals.get(key) is None:
+                    nulls[f"fid.{pair}.{key}"] = vals["null_reason"]
+    out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    out["null_reasons"] = nulls
+    return out
+
+
+def write_report(folder: str | Path, report: dict, files: list, *, json_name: str = "report.json",
+                 markdown: str | None = None) -> dict:
+    """Writes ``report.md`` (when ``markdown`` is given) and the JSON report into ``folder``, each atomically.
+
+    Args:
+        folder: the evaluation folder (exists).
+        report: from :func:`finish_report`; its ``files`` is set to the written paths, then ``files``.
+        files: other files of the evaluation (plots), listed after the reports.
+        json_name: the JSON report's file name.
+        markdown: the text of ``report.md``.
+    Returns:
+        ``report`` (updated in place).
+    """
+    folder = Path(folder)
+    written = ([folder / "report.md"] if markdown is not None else []) + [folder / json_name]
+    report["files"] = [str(f) for f in dict.fromkeys([*written, *map(Path, files)])]
+    if markdown is not None:
+        write_text(folder / "report.md", markdown)
+    write_json(folder / json_name, report)
+    return report
+
+
+def markdown_report(report: dict) -> str:
+    """``report.md`` of an unconditional evaluation, from the finished report (:func:`finish_report`)."""
+    s, tr, cost, lat = report["settings"], report["trajectory"], report["cost"], report["latency"]
+    per_seg = pd.DataFrame(report["agreement"]["per_segment"])
+    fid = {k: v for k, v in report["fid"].items() if isinstance(v, dict)}
     cols = ("fid", "kid", "kid_std", "n_a", "n_b")
     fid_df = pd.DataFrame([{"pair": k.replace("_vs_", " vs "), **{c: v.get(c) for c in cols}}
                            for k, v in fid.items()])

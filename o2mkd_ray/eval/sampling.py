@@ -14,6 +14,7 @@ from torch import nn
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_file
 from o2mkd_ray.core.schedulers import make_scheduler
+from o2mkd_ray.eval.measures import image_fidelity
 
 
 @torch.no_grad()
@@ -88,18 +89,26 @@ def sampling_prompts(cfg: Config, n: int | None = None) -> list[str]:
     return prompts[:want]
 
 
+def scheduler_copy(pipe):
+    """An identical, fresh copy of ``pipe``'s scheduler, for the other pipeline of a comparison.
+
+    A copy of the instance, not ``from_config(its config)``: ``StableDiffusionPipeline.__init__`` normalises its
+    scheduler (``clip_sample``, ``steps_offset``) and lists such keys in ``_use_default_values``, which
+    ``from_config`` would quietly restore to the class defaults.
+    """
+    return copy.deepcopy(pipe.scheduler)
+
+
 def write_sd_samples(cfg: Config, teacher_pipe, pipe, prompts: list[str], path) -> dict:
     """``samples.png`` of a text-to-image run: teacher (top) and students (bottom), same prompts, noise, guidance."""
 
     sm = cfg.sampling
     pipe.set_progress_bar_config(disable=True)
-    # an identical copy of the students' scheduler: StableDiffusionPipeline.__init__ normalised it (clip_sample,
-    # steps_offset), and from_config(its config) would restore the defaults it lists in _use_default_values
-    teacher_pipe.scheduler = copy.deepcopy(pipe.scheduler)
+    teacher_pipe.scheduler = scheduler_copy(pipe)
     kw = {"steps": sm.steps, "guidance_scale": sm.guidance_scale, "seed": sm.seed,
           "negative_prompt": sm.negative_prompt}
     t_img, s_img = sample_images(teacher_pipe, prompts, **kw), sample_images(pipe, prompts, **kw)
-    mse = float(np.mean((t_img - s_img) ** 2))
+    mse = image_fidelity(t_img, s_img)["mse_mean"]
     save_grid([t_img, s_img], ["teacher", f"O2MKD students (N={pipe.unet.num_students})"], path,
               title=f"{sm.scheduler} {sm.steps} steps, guidance {sm.guidance_scale}, same noise; pixel MSE {mse:.4f}")
     return {"scheduler": sm.scheduler, "steps": sm.steps, "num_images": len(prompts), "prompts": prompts,
@@ -113,7 +122,7 @@ def write_samples(cfg: Config, teacher_model: nn.Module, pipe, teacher_scheduler
     t_img = teacher_images(teacher_model, make_scheduler(sm.scheduler, teacher_scheduler_config), shape,
                            cfg.data.value_range, n, sm.steps, sm.seed, sm.eta)
     s_img = student_images(pipe, n, sm.steps, sm.seed, sm.eta)
-    mse = float(np.mean((t_img - s_img) ** 2))
+    mse = image_fidelity(t_img, s_img)["mse_mean"]
     save_grid([t_img, s_img], ["teacher", f"O2MKD students (N={pipe.students.num_students})"], path,
               title=f"{sm.scheduler} {sm.steps} steps, same noise; pixel MSE {mse:.4f}")
     return {"scheduler": sm.scheduler, "steps": sm.steps, "num_images": n, "pixel_mse_vs_teacher": mse}

@@ -26,30 +26,36 @@ TRIAL_CPU = 0.01  # a trial's own actor; Tune rejects {"CPU": 0}, and the trial 
 
 
 def sampling_cost(cfg: Config, teacher, shape) -> dict:
-    """Sampling MACs of the O2MKD students relative to the teacher, averaged over the timesteps.
+    """Sampling MACs of the O2MKD students relative to the teacher, for one run of the config's sampler.
 
-    ``cost = Σ_k (b_{k+1} - b_k) · MACs(student_k) / (T · MACs(teacher))``: the expected per-step ratio when the
-    sampler's timesteps spread evenly over ``[0, T)``. Students are built on the meta device (shapes only).
+    ``cost`` is :func:`o2mkd_ray.core.costs.sampling_cost`'s ratio (what ``report.json`` calls
+    ``macs_ratio_per_step``): each of the ``sampling.steps`` timesteps of ``sampling.scheduler`` runs on the
+    student owning it. Students are built on the meta device (shapes only); the teacher's noise schedule is
+    read with :func:`~o2mkd_ray.core.teacher.load_teacher` because the timesteps depend on it.
 
     Returns:
-        ``cost``, ``macs`` (per student), ``teacher_macs``, ``params`` (per student).
+        ``cost``, ``macs`` (per student), ``teacher_macs``, ``params`` (per student), ``steps_per_student``.
     """
     import torch
 
-    from o2mkd_ray.core.costs import count_macs, count_params
+    from o2mkd_ray.core.costs import forward_cost, sampler_timesteps
+    from o2mkd_ray.core.costs import sampling_cost as run_cost
     from o2mkd_ray.core.segments import Segments
     from o2mkd_ray.core.students import build_students
+    from o2mkd_ray.core.teacher import load_teacher
 
     seg = Segments(cfg.segments.boundaries)
     scratch = copy.deepcopy(cfg)
     scratch.students.init = "scratch"
     with torch.device("meta"):
         students = build_students(scratch, teacher, seg.n)
-    macs = [int(count_macs(s, (1, *shape))) for s in students]
-    t_macs = int(count_macs(teacher, (1, *shape)))
-    lengths = [seg.range(k)[1] - seg.range(k)[0] for k in range(seg.n)]
-    cost = sum(n * m for n, m in zip(lengths, macs)) / (seg.num_train_timesteps * max(1, t_macs))
-    return {"cost": float(cost), "macs": macs, "teacher_macs": t_macs, "params": [count_params(s) for s in students]}
+    students = [forward_cost(s, shape) for s in students]
+    t_macs = forward_cost(teacher, shape)["macs"]
+    schedule = load_teacher(cfg.teacher)[1].config
+    timesteps = sampler_timesteps(cfg.sampling.scheduler, schedule, cfg.sampling.steps)
+    run = run_cost([s["macs"] for s in students], t_macs, seg.boundaries, timesteps)
+    return {"cost": float(run["macs_ratio"]), "macs": [s["macs"] for s in students], "teacher_macs": t_macs,
+            "params": [s["params"] for s in students], "steps_per_student": run["steps_per_student"]}
 
 
 def refuse_text_to_image(cfg: Config, command: str) -> None:
@@ -347,9 +353,7 @@ def run_trial(config: dict, ctx: dict) -> None:
         if stopping:
             return  # stopped by the scheduler: the trainers were aborted on purpose
         raise
-    lengths = np.diff(report["boundaries"])
-    real_cost = float(sum(n * seg["macs"] for n, seg in zip(lengths, report["segments"]))
-                      / (report["boundaries"][-1] * max(1, report["teacher"]["macs"])))
+    real_cost = float(report["macs_ratio_per_step"])  # report.json's run-weighted ratio, on the trained students
     vals = [x.get("val_loss") for x in report["segments"] if x.get("val_loss") is not None]
     final = {**extra, **obj, "step": cfg.train.steps, "cost": real_cost, "objective": s["objective"],
              "val_loss": float(np.mean(vals)) if vals else float("nan"), "final": True,
