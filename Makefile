@@ -1,4 +1,5 @@
 OUT ?= runs/digits
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench
@@ -7,10 +8,11 @@ setup:
 
 # README command 1: distil the embedded teacher into 3 students on a local embedded Ray
 demo: setup
-	.venv/bin/o2mkd-ray distill pipelines/digits.yaml --out $(OUT)
+	.venv/bin/o2mkd-ray distill pipelines/digits.yaml --out $(OUT) $(DEMO_ARGS)
 
 # README command 2 (.ci/run): the test suite
 test: setup
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
