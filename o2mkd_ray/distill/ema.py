@@ -5,8 +5,8 @@ The averaging is diffusers' ``EMAModel`` (decay ``min(decay, (1 + s) / (10 + s))
 its first update copies the weights). Its ``save_pretrained`` is not used: it writes the EMA's own state (``decay``,
 ``optimization_step``, ``inv_gamma``, ...) into the UNet's ``config.json``, and diffusers then warns about those
 keys on every load and keeps them in the loaded model's config (measured with diffusers 0.42). The averaged weights
-are copied into a plain copy of the model instead, which saves as an ordinary UNet folder (``OUT/segments/seg-KK/ema``
-and ``pipeline/`` are built from it).
+live in a plain copy of the model instead, which saves as an ordinary UNet folder (``OUT/segments/seg-KK/ema`` and
+``pipeline/`` are built from it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 
 class EMA:
-    """EMA weights of ``model``'s parameters, and a copy of ``model`` that holds them.
+    """EMA weights of ``model``'s parameters, held by a copy of ``model`` that can run and be saved.
 
     Args:
         model: the trained module (its parameters are averaged; its buffers are copied once).
@@ -27,23 +27,17 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
         # foreach: one fused update over all tensors (faster than a per-parameter loop on CPU, measured)
-        self.averager = EMAModel(model.parameters(), decay=decay, foreach=True)
-        self._module = copy.deepcopy(model).requires_grad_(False).eval()
-        self._stale = False
+        self.averager = EMAModel(self.module.parameters(), decay=decay, foreach=True)
+        # EMAModel keeps its own copy of the weights (shadow_params) and updates it in place: pointing it at the
+        # module's parameters makes the module the average itself, with no second copy of the student in memory
+        # (a BK-SDM-sized student is ~0.5 B parameters) and no copy_to before every use.
+        self.averager.shadow_params = [p.data for p in self.module.parameters()]
 
     def step(self, model: nn.Module) -> None:
-        """One EMA update towards ``model``'s current parameters."""
+        """One EMA update of :attr:`module` towards ``model``'s current parameters."""
         self.averager.step(model.parameters())
-        self._stale = True
-
-    @property
-    def module(self) -> nn.Module:
-        """The model with the averaged weights (copied in only when read: a report or a checkpoint, not each step)."""
-        if self._stale:
-            self.averager.copy_to(self._module.parameters())
-            self._stale = False
-        return self._module
 
     @property
     def decay(self) -> float | None:
@@ -57,9 +51,7 @@ class EMA:
     def load(self, weights: dict[str, torch.Tensor], state: dict | None, step: int) -> None:
         """Restores the EMA from saved weights and :meth:`state_dict` (None: a checkpoint written before it was
         saved; the update count is then the training ``step``). The configured decay wins over a saved one."""
-        self._module.load_state_dict(weights)
+        self.module.load_state_dict(weights)  # in place: the averager's shadow_params are these tensors
         saved = dict(state) if state else {"optimization_step": int(step)}
-        saved["decay"] = self.averager.decay
-        shadow = [p.detach().clone() for p in self._module.parameters()]
-        self.averager.load_state_dict({**saved, "shadow_params": shadow})
-        self._stale = False
+        saved.pop("shadow_params", None)
+        self.averager.load_state_dict({**saved, "decay": self.averager.decay})

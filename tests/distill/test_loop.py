@@ -192,6 +192,9 @@ def test_ema_follows_the_student_on_diffusers_schedule(tiny_overrides):
     assert all(torch.allclose(g, w, rtol=0, atol=1e-6) for g, w in zip(got, want))
     assert any(not torch.allclose(g, s) for g, s in zip(got, theta2)), "the EMA equals the student"
     assert not any(p.requires_grad for p in dist.ema.parameters())
+    # the averager updates the EMA model's own tensors: no second copy of the student
+    shadow = dist.ema_weights.averager.shadow_params
+    assert [t.data_ptr() for t in shadow] == [p.data_ptr() for p in dist.ema.parameters()]
 
 
 def test_every_ema_in_the_package_is_the_one_ema_class():
