@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def student_inits(cfg: Config, teacher, n: int) -> list[dict]:
-    """Every student's class, config and initial weights (numpy), built once on the driver for the workers."""
+    """Every student's class, config and initial weights, built once on the driver for the workers.
+
+    Args:
+        teacher: the loaded teacher (students are sliced from it, or built from scratch: ``students.init``).
+        n: the number of segments.
+    Returns:
+        One ``{"class", "config", "state"}`` per segment, weights as numpy arrays (cheap in the object store).
+    """
     from o2mkd_ray.core.students import build_students
 
     return [{"class": type(s).__name__,
@@ -36,7 +43,15 @@ def loop_configs(cfg: Config, segments: Segments, scheduler, todo: list[int], in
                  teacher_names: list[str], teacher_channels: dict[str, int], cond_ref=None) -> dict[int, dict]:
     """The ``train_loop_config`` of each segment in ``todo`` (read by ``train_loop_per_worker``).
 
-    Object-store references travel wrapped in a list so that Ray passes them as references, fetched in the worker.
+    Args:
+        todo: the segments left to train.
+        inits: :func:`student_inits` (each put in the object store here).
+        teacher_names: the teacher actors' names (``[]``: ``teacher.mode: local``, a teacher copy per worker).
+        teacher_channels: channels of the teacher blocks used for feature KD (``{}``: none).
+        cond_ref: text-to-image runs: the object-store reference of the latents + text embeddings.
+    Returns:
+        ``{segment: config}``. Object-store references travel wrapped in a list so that Ray passes them as
+        references, fetched in the worker.
     """
     common = {"cfg": cfg.to_dict(), "boundaries": list(segments.boundaries),
               "scheduler_config": dict(scheduler.config), "teacher_names": teacher_names,
@@ -47,7 +62,15 @@ def loop_configs(cfg: Config, segments: Segments, scheduler, todo: list[int], in
 
 def make_trainer(cfg: Config, k: int, loop_config: dict, storage: str, callbacks: list | None = None):
     """Segment ``k``'s TorchTrainer: its workers and resources (``ray.segment_overrides``), and a stable run name
-    (``seg-KK`` under ``storage``) so that the same command resumes in place."""
+    (``seg-KK`` under ``storage``) so that the same command resumes in place.
+
+    Args:
+        loop_config: the segment's :func:`loop_configs` entry.
+        storage: Ray Train's storage path (``ray.storage_path`` or ``OUT/ray``).
+        callbacks: Ray Train run callbacks (a Tune trial's controller registry).
+    Returns:
+        The (unfitted) ``TorchTrainer``.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
