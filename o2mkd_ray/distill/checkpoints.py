@@ -1,18 +1,19 @@
-"""Checkpoint folders: atomic writes, a manifest of file hashes and the config hash, verification on resume.
+"""Checkpoint folders: atomic writes, a manifest of file hashes and the config hash, verification on resume, and
+the resume itself (the newest usable checkpoint of a segment).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.errors import CheckpointError
 
 TRAIN_STATE = "train_state.pt"
-
-
 MANIFEST = "manifest.json"
 
 
@@ -48,3 +49,40 @@ def verify_checkpoint(directory: str | Path, cfg: Config | None = None) -> dict:
     if cfg is not None and manifest.get("config_hash") != config_hash(cfg):
         raise CheckpointError(f"checkpoint {str(directory)!r} was written by a different config")
     return manifest
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint after ``step`` steps (the name Ray Train gives its folders too)."""
+    return f"checkpoint_{step:06d}"
+
+
+def restore_checkpoint(dist, ckpt, cfg: Config | None = None) -> int:
+    """Loads a checkpoint into ``dist``; on a bad one, warns and falls back to the newest good sibling folder.
+
+    Args:
+        dist: a :class:`~o2mkd_ray.distill.distiller.SegmentDistiller` (its ``load`` verifies the checkpoint
+            against its own config).
+        ckpt: a checkpoint folder, or an object with ``as_directory()`` (``ray.train.Checkpoint``).
+        cfg: unused; kept for callers written against the earlier signature.
+    Returns:
+        The step training resumes from (0: no usable checkpoint, the initial weights are kept).
+    """
+    bad = (CheckpointError, OSError, RuntimeError, KeyError, ValueError)
+    opened = ckpt.as_directory() if hasattr(ckpt, "as_directory") else contextlib.nullcontext(str(ckpt))
+    with opened as d:
+        try:
+            dist.load(d)
+            return dist.step
+        except bad as e:
+            warnings.warn(f"checkpoint {d} is unusable ({e}); trying an earlier one")
+            for s in sorted(Path(d).parent.glob("checkpoint_*"), reverse=True):
+                if s.resolve() == Path(d).resolve():
+                    continue
+                try:
+                    dist.load(s)
+                    warnings.warn(f"resumed from earlier checkpoint {s.name} (step {dist.step})")
+                    return dist.step
+                except bad:
+                    continue
+    warnings.warn("no usable checkpoint; starting this segment from its initial weights")
+    return 0

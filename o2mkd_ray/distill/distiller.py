@@ -1,12 +1,9 @@
-"""Ray-free distillation of one student on one timestep segment (pure PyTorch).
-
-The Ray layer (``train_loop.py``) wraps :class:`SegmentDistiller` unchanged; ``run_segment`` is the plain
-single-process loop used by ``distill --engine local``, tests and the orchestration benchmark.
+"""Ray-free distillation of one student on one timestep segment (pure PyTorch): :class:`SegmentDistiller` is one
+step of it; :func:`o2mkd_ray.distill.loop.run` is the loop both engines drive it with.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Callable
@@ -22,6 +19,7 @@ from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.teacher import cond_kwargs
 from o2mkd_ray.data.images import random_flip
 from o2mkd_ray.distill.checkpoints import MANIFEST, TRAIN_STATE, config_hash, hash_files, verify_checkpoint
+from o2mkd_ray.distill.ema import EMA
 
 TeacherCallable = Callable[..., tuple[torch.Tensor, dict | None]]
 
@@ -65,7 +63,7 @@ class SegmentDistiller:
         self.blocks = list(self.kd.blocks) if self.kd.uses_features else []
         self.hooks = FeatureHooks(self.student, self.blocks) if self.blocks else None
         self.model = wrap(self.student) if wrap else self.student
-        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.ema_weights = EMA(self.student, cfg.train.ema_decay)
         params = [p for p in self.student.parameters()] + [p for p in self.kd.parameters()]
         self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         tr = cfg.train
@@ -114,17 +112,15 @@ class SegmentDistiller:
         gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip or float("inf"))
         self.opt.step()
         self.lr_sched.step()
-        self._ema_update()
+        self.ema_weights.step(self.student)
         self.step += 1
         terms.update(lr=self.opt.param_groups[0]["lr"], grad_norm=float(gn))
         return terms
 
-    @torch.no_grad()
-    def _ema_update(self):
-        # EMA warm-up (as in diffusers' EMAModel): small decay early so the EMA tracks the fast-moving student
-        d = min(self.cfg.train.ema_decay, (1 + self.step) / (10 + self.step))
-        for pe, p in zip(self.ema.parameters(), self.student.parameters()):
-            pe.lerp_(p.detach(), 1 - d)
+    @property
+    def ema(self) -> nn.Module:
+        """The student with the EMA weights (what ``val_loss`` scores and ``OUT/segments/seg-KK/ema`` holds)."""
+        return self.ema_weights.module
 
     @torch.no_grad()
     def val_loss(self, batches: list[tuple]) -> float:
@@ -145,7 +141,8 @@ class SegmentDistiller:
             self.student.save_pretrained(tmp / "student", safe_serialization=True)
             self.ema.save_pretrained(tmp / "ema", safe_serialization=True)
             torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "lr_sched": self.lr_sched.state_dict(),
-                        "kd": self.kd.state_dict(), "gen": self.gen.get_state()}, tmp / TRAIN_STATE)
+                        "kd": self.kd.state_dict(), "gen": self.gen.get_state(), "ema": self.ema_weights.state_dict()},
+                       tmp / TRAIN_STATE)
             manifest = {"step": self.step, "segment": self.k, "boundaries": list(self.segments.boundaries),
                         "config_hash": config_hash(self.cfg), "files": hash_files(tmp), **(extra or {})}
             write_json(tmp / MANIFEST, manifest)
@@ -159,8 +156,8 @@ class SegmentDistiller:
         manifest = verify_checkpoint(directory, self.cfg)  # also rejects a checkpoint of another config
         cls = type(self.student) if hasattr(self.student, "from_pretrained") else UNet2DModel  # its own class
         self.student.load_state_dict(cls.from_pretrained(directory / "student").state_dict())
-        self.ema.load_state_dict(cls.from_pretrained(directory / "ema").state_dict())
         state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+        self.ema_weights.load(cls.from_pretrained(directory / "ema").state_dict(), state.get("ema"), state["step"])
         self.opt.load_state_dict(state["optimizer"])
         self.lr_sched.load_state_dict(state["lr_sched"])
         self.kd.load_state_dict(state["kd"])

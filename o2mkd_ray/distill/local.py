@@ -3,17 +3,45 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
 from o2mkd_ray.config.schema import Config
+from o2mkd_ray.distill.checkpoints import MANIFEST
 from o2mkd_ray.distill.run_folder import (
     finished_summary,
     is_text_to_image,
     load_cond_data,
     prepare_run,
     save_segment,
+    segment_summary,
 )
+
+
+def choose_checkpoint(select: str, ckdir: Path, history: list[dict]) -> tuple[Path, dict]:
+    """The checkpoint ``train.select`` keeps among a segment's folders, and the metrics reported with it.
+
+    Args:
+        select: ``final`` (the newest) or ``best`` (the lowest ``val_loss``), as the Ray engine chooses.
+        ckdir: the segment's ``checkpoint_NNNNNN`` folders (their manifests hold the reported metrics).
+        history: this session's reports: the metrics of a checkpoint whose manifest has none.
+    Returns:
+        ``(folder, metrics)``.
+    """
+    found = []
+    for d in sorted(ckdir.glob("checkpoint_*")):
+        try:
+            metrics = json.loads((d / MANIFEST).read_text()).get("metrics")
+        except (OSError, json.JSONDecodeError):
+            continue
+        found.append((d, metrics or next((m for m in history if m["step"] == int(d.name.split("_")[-1])), {})))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {ckdir}")
+    if select == "best":
+        return min(found, key=lambda dm: dm[1].get("val_loss", float("inf")))
+    return found[-1]
 
 
 def train_local(cfg: Config, out, progress: bool = True, on_report: Callable[[int, dict], None] | None = None,
@@ -54,12 +82,8 @@ def train_local(cfg: Config, out, progress: bool = True, on_report: Callable[[in
         res = run_segment(cfg, k, segments, scheduler, students[k], lt, channels, dataset, ckpt_dir=ckdir,
                           progress=progress, on_report=(lambda m, k=k: on_report(k, m)) if on_report else None,
                           uncond=uncond)
-        last = sorted(ckdir.glob("checkpoint_*"))[-1]
-        summary = {"index": k, "boundaries": list(segments.range(k)), "started_at": res["started_at"],
-                   "finished_at": res["finished_at"], "steps": res["steps"], "resumed_from": 0,
-                   "final_loss": res["final_loss"], "val_loss": res["val_loss"],
-                   "samples_per_s": res["samples_per_s"], "checkpoint": str(last), "history": res["history"]}
-        save_segment(out, k, last, summary)
+        chosen, metrics = choose_checkpoint(cfg.train.select, ckdir, res["history"])
+        save_segment(out, k, chosen, segment_summary(k, segments, res, metrics, str(chosen)))
     stats = {"mode": "local", "replicas": 0, "requests": lt.calls, "mean_batch": 1.0, "busy_s": lt.latency_s}
     return {"out": out, "teacher": teacher, "scheduler": scheduler, "segments": segments, "shape": shape,
             "teacher_stats": stats, "t_start": t_start}

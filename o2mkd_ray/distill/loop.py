@@ -1,67 +1,128 @@
 """The one training loop of a segment, shared by the local engine and the Ray Train workers.
+
+:func:`run` owns batching, the teacher prefetch, metrics and the per-report history; an engine gives it an
+``on_report`` callback for its side effects (checkpoints, ``ray.train.report``, trackers, progress queues).
+:func:`run_segment` is the local engine's use of it.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.segments import Segments
+from o2mkd_ray.distill.checkpoints import checkpoint_name, restore_checkpoint
 from o2mkd_ray.distill.distiller import SegmentDistiller, TeacherCallable, fixed_val_batches
+
+
+def segment_batches(cfg: Config, k: int, dataset, batch_size: int,
+                    prepare: Callable | None = None) -> Iterator[tuple]:
+    """Endless shuffled batches of segment ``k`` (seed ``train.seed + k``).
+
+    Args:
+        batch_size: samples per batch of this process (a Ray worker: its share of ``train.batch_size``).
+        prepare: optional wrapper of the DataLoader (Ray's ``prepare_data_loader``: a sampler per rank).
+    Returns:
+        An iterator of ``(x_0,)`` or ``(x_0, cond)`` batches.
+    """
+    from o2mkd_ray.data.images import infinite, make_loader
+
+    loader = make_loader(dataset, batch_size, cfg.train.seed + k)
+    return infinite(prepare(loader) if prepare else loader)
+
+
+def _next_inputs(dist: SegmentDistiller, batches: Iterator[tuple], teacher):
+    x_0, *rest = next(batches)
+    x_t, t, eps = dist.make_inputs(x_0)
+    cond = dist.make_cond(rest[0]) if rest else None  # (B, L, D) text embeddings, or None
+    pending = teacher.submit(x_t, t, features=bool(dist.blocks), **({} if cond is None else {"cond": cond}))
+    return x_t, t, eps, cond, pending
+
+
+def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: list[tuple],
+        on_report: Callable[[dict], None], world: int = 1, after_step: Callable[[int], None] | None = None,
+        progress: bool = False) -> dict:
+    """Trains ``dist`` from its current step to ``train.steps``, reporting every ``train.checkpoint_every`` steps.
+
+    The teacher's targets for the next batch are requested (``teacher.submit``) before the student steps on the
+    current one, so a remote teacher computes them meanwhile; ``teacher.result`` collects them.
+
+    Args:
+        batches: endless ``(x_0[, cond])`` batches (:func:`segment_batches`).
+        teacher: ``submit(x_t, t, features, cond) -> pending`` and ``result(pending) -> (eps_T, feats_T)``, with
+            ``latency_s`` and ``calls`` counters (``LocalTeacher`` or ``TeacherClient``).
+        val_batches: held-out batches for ``val_loss`` (:func:`fixed_val_batches`).
+        on_report: called with the metrics of each report (``step``, ``segment``, ``loss_avg``, ``val_loss``,
+            ``samples_per_s``, ``teacher_latency_ms``, ``resumed_from``, ``time`` and the loss terms).
+        world: data-parallel processes training this segment, each with the same batch size: samples/s counts all.
+        after_step: called with the step number after every step (fault drills).
+        progress: a progress bar.
+    Returns:
+        ``steps``, ``resumed_from``, ``started_at``, ``finished_at`` and ``history`` (the reported metrics).
+    """
+    from tqdm.auto import tqdm
+
+    steps, every = dist.cfg.train.steps, dist.cfg.train.checkpoint_every
+    resumed_from, started = dist.step, time.time()
+    history, recent, t_train, n_samples = [], [], 0.0, 0
+    bar = tqdm(total=steps, initial=dist.step, desc=f"seg-{dist.k:02d}", disable=not progress)
+    cur = _next_inputs(dist, batches, teacher) if dist.step < steps else None
+    while dist.step < steps:
+        t0 = time.perf_counter()
+        x_t, t, eps, cond, pending = cur
+        cur = _next_inputs(dist, batches, teacher) if dist.step + 1 < steps else None  # prefetch
+        eps_T, feats_T = teacher.result(pending)
+        terms = dist.train_step(x_t, t, eps, eps_T, feats_T, cond)
+        t_train += time.perf_counter() - t0
+        n_samples += x_t.shape[0] * world
+        recent.append(terms["loss"])
+        bar.update(1)
+        if after_step is not None:
+            after_step(dist.step)
+        if dist.step % every == 0 or dist.step == steps:
+            metrics = {**terms, "step": dist.step, "segment": dist.k, "loss_avg": sum(recent) / len(recent),
+                       "val_loss": dist.val_loss(val_batches), "samples_per_s": n_samples / max(t_train, 1e-9),
+                       "teacher_latency_ms": 1000 * teacher.latency_s / max(1, teacher.calls),
+                       "resumed_from": resumed_from, "time": time.time()}
+            recent.clear()
+            history.append(metrics)
+            on_report(metrics)
+    bar.close()
+    return {"steps": dist.step, "resumed_from": resumed_from, "started_at": started, "finished_at": time.time(),
+            "history": history}
 
 
 def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module, teacher: TeacherCallable,
                 teacher_channels: dict | None, dataset, ckpt_dir: str | Path | None = None,
                 on_report: Callable[[dict], None] | None = None, progress: bool = False,
                 uncond: torch.Tensor | None = None) -> dict:
-    """The plain single-process training loop for segment k (no Ray).
+    """Segment ``k`` in this process (the local engine): :func:`run` with checkpoints in ``ckpt_dir``.
 
     Args:
-        teacher: ``teacher(x_t, t, features) -> (eps_T, feats_T)``.
-        ckpt_dir: where to write ``checkpoint_NNNNNN`` folders every ``train.checkpoint_every`` steps (optional).
-        on_report: called with the metrics dict every ``checkpoint_every`` steps.
+        teacher: an in-process teacher with ``submit``/``result`` (``o2mkd_ray.core.teacher.LocalTeacher``).
+        ckpt_dir: where to write ``checkpoint_NNNNNN`` folders at every report; the newest usable one there is
+            resumed from.
+        on_report: called with the metrics of every report, after its checkpoint is written.
     Returns:
-        A summary: steps, final_loss, val_loss, samples_per_s, started_at, finished_at, history.
+        :func:`run`'s summary and ``distiller``.
     """
-    from tqdm.auto import tqdm
-
-    from o2mkd_ray.data.images import infinite, make_loader
-
     dist = SegmentDistiller(cfg, k, segments, scheduler, student, teacher_channels, uncond=uncond)
-    loader = infinite(make_loader(dataset, cfg.train.batch_size, cfg.train.seed + k))
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+    saved = sorted(ckpt_dir.glob("checkpoint_*")) if ckpt_dir is not None and ckpt_dir.is_dir() else []
+    if saved:
+        restore_checkpoint(dist, saved[-1])
     val = fixed_val_batches(dist, dataset, teacher, cfg.train.val_batches, cfg.train.batch_size)
-    started, history, recent = time.time(), [], []
-    t_train = 0.0
-    bar = tqdm(total=cfg.train.steps, desc=f"seg-{k:02d}", disable=not progress)
-    while dist.step < cfg.train.steps:
-        t0 = time.perf_counter()
-        x_0, *rest = next(loader)
-        x_t, t, eps = dist.make_inputs(x_0)
-        cond = dist.make_cond(rest[0]) if rest else None  # (B, L, D) text embeddings, or None
-        eps_T, feats_T = teacher(x_t, t, features=bool(dist.blocks), **({} if cond is None else {"cond": cond}))
-        terms = dist.train_step(x_t, t, eps, eps_T, feats_T, cond)
-        t_train += time.perf_counter() - t0
-        recent.append(terms["loss"])
-        bar.update(1)
-        if dist.step % cfg.train.checkpoint_every == 0 or dist.step == cfg.train.steps:
-            m = {**terms, "step": dist.step, "loss_avg": sum(recent) / len(recent), "val_loss": dist.val_loss(val),
-                 "samples_per_s": dist.step * x_0.shape[0] / max(t_train, 1e-9)}
-            recent.clear()
-            history.append(m)
-            if ckpt_dir is not None:
-                dist.save(Path(ckpt_dir) / f"checkpoint_{dist.step:06d}")
-            if on_report:
-                on_report(m)
-    bar.close()
-    if not history:
-        warnings.warn(f"segment {k}: no steps were run")
-    last = history[-1] if history else {}
-    return {"steps": dist.step, "final_loss": last.get("loss_avg"), "val_loss": last.get("val_loss"),
-            "samples_per_s": last.get("samples_per_s"), "started_at": started, "finished_at": time.time(),
-            "history": history, "distiller": dist}
+
+    def report(metrics: dict) -> None:
+        if ckpt_dir is not None:
+            dist.save(ckpt_dir / checkpoint_name(dist.step), extra={"metrics": metrics})
+        if on_report is not None:
+            on_report(metrics)
+
+    batches = segment_batches(cfg, k, dataset, cfg.train.batch_size)
+    return {**run(dist, batches, teacher, val, report, progress=progress), "distiller": dist}

@@ -26,8 +26,29 @@ def run_hash(d: dict) -> str:
 
 
 def finished_summary(out: Path, k: int) -> dict | None:
+    """The summary of segment ``k`` when it is finished (``OUT/segments/seg-KK/summary.json``), else None."""
     f = out / "segments" / f"seg-{k:02d}" / "summary.json"
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def segment_summary(k: int, segments: Segments, run: dict, metrics: dict, checkpoint: str | None,
+                    **extra) -> dict:
+    """What ``summary.json`` and report.json's ``segments[k]`` say about a finished segment, for both engines.
+
+    Args:
+        run: the training loop's summary (``o2mkd_ray.distill.loop.run``: times, ``resumed_from``, ``history``).
+        metrics: the metrics reported with the chosen checkpoint (``train.select``).
+        checkpoint: where the chosen checkpoint is.
+        extra: engine-specific fields (the Ray engine's fit and worker times).
+    Returns:
+        ``index``, ``boundaries``, ``started_at``, ``finished_at``, ``steps``, ``resumed_from``, ``final_loss``,
+        ``val_loss``, ``samples_per_s``, ``checkpoint``, ``history`` and ``extra``.
+    """
+    return {"index": k, "boundaries": list(segments.range(k)), "started_at": run["started_at"],
+            "finished_at": run["finished_at"], "steps": int(metrics.get("step", run.get("steps", 0))),
+            "resumed_from": run.get("resumed_from", 0), "final_loss": metrics.get("loss_avg"),
+            "val_loss": metrics.get("val_loss"), "samples_per_s": metrics.get("samples_per_s"),
+            "checkpoint": checkpoint, "history": run.get("history", []), **extra}
 
 
 def save_segment(out: Path, k: int, ckpt_dir: Path, summary: dict) -> None:

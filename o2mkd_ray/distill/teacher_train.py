@@ -6,7 +6,6 @@ Plain PyTorch, one process: the ordinary DDPM ε-prediction loss (Ho et al. 2020
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from o2mkd_ray.config.schema import DataConfig
 from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.data.build import build_dataset
 from o2mkd_ray.data.images import infinite, make_loader, random_flip
+from o2mkd_ray.distill.ema import EMA
 from o2mkd_ray.errors import ConfigError
 
 
@@ -70,7 +70,7 @@ def train_teacher(cfg: TeacherTrainConfig, out: str | None = None, progress: boo
     torch.manual_seed(cfg.seed)
     unet = UNet2DModel(**cfg.unet)
     scheduler = DDPMScheduler(**cfg.scheduler)
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema = EMA(unet, cfg.ema_decay)  # the students' EMA too
     data = infinite(make_loader(build_dataset(cfg.data), cfg.batch_size, cfg.seed))
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -93,15 +93,12 @@ def train_teacher(cfg: TeacherTrainConfig, out: str | None = None, progress: boo
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+        ema.step(unet)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     out_dir = Path(out or cfg.out)
-    DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
+    DDPMPipeline(unet=ema.module, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
     summary = {
         "steps": cfg.steps,
         "final_loss": sum(losses[-100:]) / len(losses[-100:]),

@@ -20,7 +20,8 @@ import numpy as np
 import ray
 import torch
 
-from o2mkd_ray.config.schema import TeacherConfig
+from o2mkd_ray.config.schema import Config, TeacherConfig
+from o2mkd_ray.engine.faults import teacher_hook
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def actor_names(run_id: str, replicas: int) -> list[str]:
+    """The names of a run's teacher actors (``run_id``: ``o2mkd_ray.engine.driver.teacher_run_id``)."""
     return [f"o2mkd-teacher-{run_id}-{r}" for r in range(replicas)]
 
 
@@ -55,7 +57,7 @@ class _Server:
                       "pid": os.getpid()}
         self._busy_lock = threading.Lock()
         self.by_client: dict[str, int] = {}
-        self.fault = fault or {}
+        self.on_request = teacher_hook(fault)  # test-only fault drill (debug.kill_teacher_after_requests) or None
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "blocks": self.fn.blocks}
@@ -87,7 +89,8 @@ class _Server:
         self.stats["requests"] += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
         self.stats["samples"] += int(x_t.shape[0])
-        self._maybe_crash()
+        if self.on_request is not None:
+            self.on_request(self.stats["requests"])
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((np.asarray(x_t), np.asarray(t), bool(features), fut,
                            None if cond is None else np.asarray(cond)))
@@ -129,14 +132,6 @@ class _Server:
         finally:
             self._drainers -= 1
 
-    def _maybe_crash(self):
-        # test-only fault injection (config debug.kill_teacher_after_requests): rehearse a teacher crash
-        n = self.fault.get("kill_teacher_after_requests")
-        marker = self.fault.get("marker")
-        if n and self.stats["requests"] >= n and marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
-
 
 def _cond_key(cond: np.ndarray | None):
     return None if cond is None else tuple(cond.shape[1:])
@@ -144,7 +139,16 @@ def _cond_key(cond: np.ndarray | None):
 
 def start_teacher(tcfg: TeacherConfig, run_id: str, feature_blocks: list[str] | None,
                   fault: dict | None = None) -> list:
-    """Starts ``teacher.replicas`` named actors (or reuses live ones with those names); returns their handles."""
+    """Starts ``teacher.replicas`` named actors (or reuses live ones with those names).
+
+    Args:
+        tcfg: the teacher config (model, replicas, resources, batching).
+        run_id: the run's id in the actor names (:func:`actor_names`).
+        feature_blocks: teacher blocks whose features requests may ask for (None: none).
+        fault: a test-only fault spec (``o2mkd_ray.engine.faults.teacher_fault``).
+    Returns:
+        The actors' handles, once every actor answered ``ready``.
+    """
     cls = ray.remote(_Server)
     handles = []
     for name in actor_names(run_id, tcfg.replicas):
@@ -230,3 +234,32 @@ class TeacherClient:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False, cond: torch.Tensor | None = None):
         return self.result(self.submit(x_t, t, features, cond))
+
+
+def stop_teacher(handles: list) -> None:
+    """Kills the teacher actors (each at most once; an actor already gone is fine)."""
+    for h in handles:
+        try:
+            ray.kill(h)
+        except Exception:  # noqa: BLE001 - shutting down: nothing to save
+            pass
+
+
+def teacher_stats(handles: list, cfg: Config) -> dict:
+    """report.json's ``teacher`` counters, summed over the actors (zeros for ``teacher.mode: local``).
+
+    Returns:
+        ``mode``, ``replicas``, ``requests``, ``mean_batch``, ``busy_s``; with actors also ``forwards``,
+        ``mean_batch_samples`` and ``requests_by_segment``.
+    """
+    base = {"mode": cfg.teacher.mode, "replicas": cfg.teacher.replicas if cfg.teacher.mode == "actor" else 0}
+    if not handles:
+        return {**base, "requests": 0, "mean_batch": 0.0, "busy_s": 0.0}
+    stats = ray.get([h.get_stats.remote() for h in handles])
+    req = sum(s["requests"] for s in stats)
+    fwd = sum(s["forwards"] for s in stats)
+    return {**base, "requests": req, "forwards": fwd, "mean_batch": req / max(1, fwd),
+            "mean_batch_samples": sum(s["samples"] for s in stats) / max(1, fwd),
+            "busy_s": sum(s["busy_s"] for s in stats),
+            "requests_by_segment": {c: sum(s["by_client"].get(c, 0) for s in stats)
+                                    for c in sorted({c for s in stats for c in s["by_client"]})}}

@@ -1,16 +1,13 @@
-"""Failures: checkpoints that are truncated or from another config (plain torch), and real-process fault drills on a
-local Ray (a worker and the teacher actor killed in one run; the driver kill is in test_engine.py)."""
+"""Failures: the ``debug.*`` fault hooks, and real-process fault drills on a local Ray (a worker and the teacher
+actor killed in one run; the driver kill is in test_engine.py). Checkpoint failures (truncated, foreign, fall-back on
+resume) are tested without Ray in tests/distill/test_loop.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-import warnings
-from pathlib import Path
 
 import pytest
-import torch
 from conftest import ROOT
 
 TINY = ROOT / "pipelines" / "tiny.yaml"
@@ -23,154 +20,60 @@ def _cfg(overrides, *extra):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints (no Ray): SegmentDistiller.save / verify_checkpoint / train_loop._restore
+# the debug.* hooks (engine/faults.py), without killing anything: os._exit is replaced by an exception
 
 
-def _distiller(cfg, k: int = 0):
-    """A SegmentDistiller for segment k on the tiny teacher, built as driver.run_local builds it."""
-    from o2mkd_ray.core.segments import Segments
-    from o2mkd_ray.core.students import build_students
-    from o2mkd_ray.core.teacher import TeacherFn, load_teacher, sample_shape
-    from o2mkd_ray.distill.distiller import SegmentDistiller
-
-    teacher, scheduler = load_teacher(cfg.teacher)
-    shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
-    segments = Segments.from_config(cfg.segments, scheduler.config.num_train_timesteps)
-    fn = TeacherFn(teacher, cfg.kd.feature_blocks)
-    channels = fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {}
-    student = build_students(cfg, teacher, segments.n)[k]
-    return SegmentDistiller(cfg, k, segments, scheduler, student, channels), fn
-
-
-def _train(dist, fn, steps: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x_0 = torch.rand((4, *dist.shape), generator=g) * 2 - 1
-        x_t, t, eps = dist.make_inputs(x_0)
-        eps_T, feats_T = fn(x_t, t, features=bool(dist.blocks))
-        dist.train_step(x_t, t, eps, eps_T, feats_T)
+class _Exited(Exception):
+    pass
 
 
 @pytest.fixture
-def ckpts(tiny_overrides, tmp_path):
-    """Checkpoints at steps 2 and 4 of one distiller, in sibling folders as Ray keeps them."""
-    cfg = _cfg(tiny_overrides)
-    dist, fn = _distiller(cfg)
-    _train(dist, fn, 2)
-    c2 = dist.save(tmp_path / "seg-00" / "checkpoint_000002")
-    _train(dist, fn, 2)
-    c4 = dist.save(tmp_path / "seg-00" / "checkpoint_000004")
-    return cfg, dist, fn, c2, c4
+def no_exit(monkeypatch):
+    import o2mkd_ray.engine.faults as faults
+
+    def exit_(code):
+        raise _Exited(code)
+
+    monkeypatch.setattr(faults.os, "_exit", exit_)
 
 
-def test_save_is_atomic_with_a_manifest(ckpts):
-    from o2mkd_ray.distill.checkpoints import MANIFEST, config_hash, verify_checkpoint
+def test_worker_hook_kills_only_its_worker_at_its_step_once(no_exit, tmp_path):
+    from o2mkd_ray.engine.faults import worker_hook
 
-    cfg, dist, _, c2, c4 = ckpts
-    m = json.loads((c4 / MANIFEST).read_text())
-    assert m["step"] == 4 and m["segment"] == 0 and m["boundaries"] == list(dist.segments.boundaries)
-    assert m["config_hash"] == config_hash(cfg)
-    files = {str(p.relative_to(c4)) for p in c4.rglob("*") if p.is_file() and p.name != MANIFEST}
-    assert set(m["files"]) == files and "train_state.pt" in files
-    assert not list(c4.parent.glob("*.tmp-*")), "a temp folder was left behind"
-    assert verify_checkpoint(c4, cfg)["step"] == 4
-    dist.save(c4)  # overwriting an existing checkpoint folder is atomic as well
-    assert verify_checkpoint(c4, cfg)["step"] == 4
-
-
-@pytest.mark.parametrize("victim", ["student/diffusion_pytorch_model.safetensors", "ema/config.json",
-                                    "train_state.pt"])
-def test_truncated_file_is_detected(ckpts, victim):
-    from o2mkd_ray.distill.checkpoints import verify_checkpoint
-    from o2mkd_ray.errors import CheckpointError
-
-    _, _, _, _, c4 = ckpts
-    f = c4 / victim
-    f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 2)])
-    with pytest.raises(CheckpointError, match=rf"{victim.split('/')[-1]}.*truncated"):
-        verify_checkpoint(c4)
+    marker = tmp_path / "killed"
+    debug = {"kill_worker": {"segment": 1, "rank": 0, "step": 3, "marker": str(marker)}}
+    assert worker_hook({}, 1, 0) is None
+    assert worker_hook(debug, 0, 0) is None and worker_hook(debug, 1, 1) is None
+    hook = worker_hook(debug, 1, 0)
+    hook(2)
+    with pytest.raises(_Exited):
+        hook(3)
+    assert marker.read_text() == "3"
+    hook(3)  # the restarted worker passes step 3 again: the marker says it already died once
 
 
-def test_missing_file_and_broken_manifest_are_detected(ckpts):
-    from o2mkd_ray.distill.checkpoints import MANIFEST, verify_checkpoint
-    from o2mkd_ray.errors import CheckpointError
+def test_teacher_hook_exits_once_after_n_requests(no_exit, tmp_path):
+    from o2mkd_ray.engine.faults import teacher_fault, teacher_hook
 
-    _, _, _, c2, c4 = ckpts
-    (c4 / "train_state.pt").unlink()
-    with pytest.raises(CheckpointError, match="train_state.pt is missing"):
-        verify_checkpoint(c4)
-    (c2 / MANIFEST).write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupted"):
-        verify_checkpoint(c2)
-    (c2 / MANIFEST).unlink()
-    with pytest.raises(CheckpointError, match="not an o2mkd-ray checkpoint"):
-        verify_checkpoint(c2)
+    assert teacher_fault({}, tmp_path) is None and teacher_hook(None) is None
+    spec = teacher_fault({"kill_teacher_after_requests": 3}, tmp_path)
+    assert spec == {"kill_teacher_after_requests": 3, "marker": str(tmp_path / ".teacher_killed")}
+    hook = teacher_hook(spec)
+    hook(2)
+    with pytest.raises(_Exited):
+        hook(3)
+    hook(4)  # the restarted actor serves on
 
 
-def test_config_hash_mismatch_is_detected(ckpts, tiny_overrides):
-    from o2mkd_ray.distill.checkpoints import verify_checkpoint
-    from o2mkd_ray.errors import CheckpointError
+def test_phase_timer_records_named_phases():
+    from o2mkd_ray.engine.phases import PhaseTimer
 
-    cfg, _, _, _, c4 = ckpts
-    verify_checkpoint(c4, cfg)
-    other = _cfg(tiny_overrides, "students.width=0.75")
-    with pytest.raises(CheckpointError, match="different config"):
-        verify_checkpoint(c4, other)
-    # what a checkpoint means is teacher/segments/students/kd/data: a new step budget is the same run
-    verify_checkpoint(c4, _cfg(tiny_overrides, "train.steps=999"))
-
-
-def test_load_restores_the_exact_state(ckpts):
-    cfg, dist, _, _, c4 = ckpts
-    fresh, _ = _distiller(cfg)
-    assert fresh.load(c4)["step"] == 4 and fresh.step == 4
-    for a, b in zip(fresh.student.state_dict().values(), dist.student.state_dict().values()):
-        assert torch.equal(a, b)
-    for a, b in zip(fresh.ema.state_dict().values(), dist.ema.state_dict().values()):
-        assert torch.equal(a, b)
-    assert torch.equal(fresh.gen.get_state(), dist.gen.get_state())
-    assert fresh.opt.state_dict()["state"].keys() == dist.opt.state_dict()["state"].keys()
-
-
-class _FakeCheckpoint:
-    """Stand-in for ray.train.Checkpoint on a local folder: ``as_directory()`` yields the path."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield self.path
-
-
-def test_restore_falls_back_to_the_previous_checkpoint(ckpts):
-    from o2mkd_ray.engine.train_loop import restore_checkpoint
-
-    cfg, _, _, _, c4 = ckpts
-    w = c4 / "student" / "diffusion_pytorch_model.safetensors"
-    w.write_bytes(w.read_bytes()[:100])  # the newest checkpoint is truncated
-    fresh, _ = _distiller(cfg)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert restore_checkpoint(fresh, _FakeCheckpoint(c4), cfg) == 2
-    msgs = [str(w.message) for w in caught]
-    assert any("unusable" in m and "checkpoint_000004" in m for m in msgs), msgs
-    assert any("earlier checkpoint checkpoint_000002" in m for m in msgs), msgs
-    assert fresh.step == 2
-
-
-def test_restore_with_no_usable_checkpoint_starts_over(ckpts):
-    from o2mkd_ray.engine.train_loop import restore_checkpoint
-
-    cfg, _, _, c2, c4 = ckpts
-    for c in (c2, c4):
-        (c / "train_state.pt").write_bytes(b"")
-    fresh, _ = _distiller(cfg)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert restore_checkpoint(fresh, _FakeCheckpoint(c4), cfg) == 0
-    assert "no usable checkpoint" in str(caught[-1].message), [str(w.message) for w in caught]
-    assert fresh.step == 0
+    timer = PhaseTimer()
+    with timer.phase("load_s"):
+        pass
+    with pytest.raises(ValueError), timer.phase("train_s"):
+        raise ValueError("a failed phase is still timed")
+    assert list(timer.phases) == ["load_s", "train_s"] and all(v >= 0 for v in timer.phases.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
