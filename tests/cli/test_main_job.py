@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
