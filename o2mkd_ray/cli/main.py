@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
+from o2mkd_ray.cli.console import quiet_libraries, setup_console
 from o2mkd_ray.cli.sample import sample_command
 
 
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--engine", choices=["ray", "local"], default="ray",
                    help="ray: one TorchTrainer per segment, concurrently (default); local: in-process, sequential")
     d.add_argument("--no-eval", action="store_true", help="skip the quick evaluation at the end")
+    d.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and MLflow's own output (by default in OUT/logs/driver.log and Ray's logs)")
     _debug_flag(d)
 
     s = sub.add_parser("sample", help="sample a saved O2MKD pipeline folder")
@@ -86,18 +88,38 @@ def _distill(args) -> int:
     if args.engine == "ray" and not args.dry_run:  # a dry run may be meant for another machine's cluster
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         check_ray_address(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
-    print(cfg.to_json() if args.dry_run else f"o2mkd-ray distill → {out}")
     if args.dry_run:
+        print(cfg.to_json())
         print("dry run: config is valid", file=sys.stderr)
         return 0
+    log_file = setup_console(out / "logs" / "driver.log", args.verbose)
+    print(f"o2mkd-ray distill → {out}  (engine {args.engine}; log {log_file})", flush=True)
     from o2mkd_ray.engine.driver import run_distillation
     from o2mkd_ray.engine.session import run_local
 
-    report = (run_distillation if args.engine == "ray" else run_local)(cfg, out, checked=True)
-    print(json.dumps({"out": str(out), "wall_s": report["wall_s"], "segments": [
-        {k: s[k] for k in ("index", "boundaries", "steps", "final_loss", "params", "macs")} for s in report["segments"]
-    ], "samples": str(out / "samples.png")}, indent=2, default=str))
+    if args.engine == "ray":
+        report = run_distillation(cfg, out, checked=True, verbose=args.verbose)
+    else:
+        report = run_local(cfg, out, checked=True)
+    print(summary_lines(report, out, log_file), flush=True)
     return 0
+
+
+def summary_lines(report: dict, out: Path, log_file: Path | None) -> str:
+    """The end of ``distill``: what was made and where (pipeline, samples, report, MLflow run, logs)."""
+    segs = report["segments"]
+    ml = report.get("mlflow") or {}
+    lines = [f"done in {report['wall_s']:.0f} s: {len(segs)} students, sampling MACs "
+             f"{report['macs_ratio_per_step']:.3f}x the teacher's "
+             + ", ".join(f"seg-{s['index']:02d} loss {s['final_loss']:.4f}" for s in segs if s.get("final_loss")),
+             f"  pipeline  {out / 'pipeline'}   (O2MKDPipeline.from_pretrained)",
+             f"  samples   {out / 'samples.png'}",
+             f"  report    {out / 'report.json'}"]
+    if ml.get("run_id"):
+        lines.append(f"  MLflow    run {ml['run_id']} at {ml.get('tracking_uri')}")
+    if log_file is not None:
+        lines.append(f"  log       {log_file}")
+    return "\n".join(lines)
 
 
 def _default_config() -> str:
@@ -115,7 +137,8 @@ def _teacher(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    setup_console(None, verbose=getattr(args, "verbose", False))
 
     try:
         from o2mkd_ray.cli.analyze import run_analyze_cli

@@ -182,6 +182,7 @@ class TrainConfig(Section):
     warmup_steps: NonNegativeInt = 20
     seed: int = 0
     checkpoint_every: PositiveInt = 100
+    log_every: NonNegativeInt = 10  # live loss terms, lr, grad norm, samples/s every N steps; 0: only at checkpoints
     val_batches: NonNegativeInt = 2
     select: Literal["final", "best"] = "final"
     num_threads: NonNegativeInt = 0  # torch threads per worker; 0 = leave torch's default

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.background import BatchingSender
 from o2mkd_ray.distill.checkpoints import MANIFEST
 from o2mkd_ray.distill.run_folder import (
     finished_summary,
@@ -50,7 +51,8 @@ def train_local(cfg: Config, out, progress: bool = True, on_report: Callable[[in
 
     Args:
         progress: a progress bar per segment.
-        on_report: called as ``on_report(segment, metrics)`` at every report of every segment.
+        on_report: called as ``on_report(segment, metrics)`` at every report of every segment, and with the live
+            metrics every ``train.log_every`` steps (``kind: "log"``; from a background thread, off the loop).
         on_segments: called with the boundaries once they are known.
     Returns:
         What the run-folder assembly needs: ``out``, ``teacher``, ``scheduler``, ``segments``, ``shape``,
@@ -75,15 +77,20 @@ def train_local(cfg: Config, out, progress: bool = True, on_report: Callable[[in
     else:
         dataset = build_dataset(cfg.data)
     students = build_students(cfg, teacher, segments.n)
-    for k in range(segments.n):
-        if finished_summary(out, k) is not None:
-            continue
-        ckdir = out / "local" / f"seg-{k:02d}"
-        res = run_segment(cfg, k, segments, scheduler, students[k], lt, channels, dataset, ckpt_dir=ckdir,
-                          progress=progress, on_report=(lambda m, k=k: on_report(k, m)) if on_report else None,
-                          uncond=uncond)
-        chosen, metrics = choose_checkpoint(cfg.train.select, ckdir, res["history"])
-        save_segment(out, k, chosen, segment_summary(k, segments, res, metrics, str(chosen)))
+    live = BatchingSender(lambda items: [on_report(int(m["segment"]), m) for m in items]) if on_report else None
+    try:
+        for k in range(segments.n):
+            if finished_summary(out, k) is not None:
+                continue
+            ckdir = out / "local" / f"seg-{k:02d}"
+            res = run_segment(cfg, k, segments, scheduler, students[k], lt, channels, dataset, ckpt_dir=ckdir,
+                              progress=progress, on_report=(lambda m, k=k: on_report(k, m)) if on_report else None,
+                              uncond=uncond, on_log=live.send if live else None)
+            chosen, metrics = choose_checkpoint(cfg.train.select, ckdir, res["history"])
+            save_segment(out, k, chosen, segment_summary(k, segments, res, metrics, str(chosen)))
+    finally:
+        if live is not None:
+            live.close()
     stats = {"mode": "local", "replicas": 0, "requests": lt.calls, "mean_batch": 1.0, "busy_s": lt.latency_s}
     return {"out": out, "teacher": teacher, "scheduler": scheduler, "segments": segments, "shape": shape,
             "teacher_stats": stats, "t_start": t_start}

@@ -46,8 +46,9 @@ def _next_inputs(dist: SegmentDistiller, batches: Iterator[tuple], teacher):
 
 def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: list[tuple],
         on_report: Callable[[dict], None], world: int = 1, after_step: Callable[[int], None] | None = None,
-        progress: bool = False) -> dict:
-    """Trains ``dist`` from its current step to ``train.steps``, reporting every ``train.checkpoint_every`` steps.
+        progress: bool = False, on_log: Callable[[dict], None] | None = None) -> dict:
+    """Trains ``dist`` from its current step to ``train.steps``, reporting every ``train.checkpoint_every`` steps
+    and streaming live metrics every ``train.log_every`` steps.
 
     The teacher's targets for the next batch are requested (``teacher.submit``) before the student steps on the
     current one, so a remote teacher computes them meanwhile; ``teacher.result`` collects them.
@@ -62,12 +63,16 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
         world: data-parallel processes training this segment, each with the same batch size: samples/s counts all.
         after_step: called with the step number after every step (fault drills).
         progress: a progress bar.
+        on_log: called every ``train.log_every`` steps between reports with the last step's loss terms, ``lr``,
+            ``grad_norm``, ``samples_per_s``, ``step``, ``segment``, ``time`` and ``kind: "log"``; it must return
+            at once (:class:`o2mkd_ray.core.background.BatchingSender.send`), since it runs in the training loop.
     Returns:
         ``steps``, ``resumed_from``, ``started_at``, ``finished_at`` and ``history`` (the reported metrics).
     """
     from tqdm.auto import tqdm
 
     steps, every = dist.cfg.train.steps, dist.cfg.train.checkpoint_every
+    log_every = dist.cfg.train.log_every if on_log is not None else 0
     resumed_from, started = dist.step, time.time()
     history, recent, t_train, n_samples = [], [], 0.0, 0
     bar = tqdm(total=steps, initial=dist.step, desc=f"seg-{dist.k:02d}", disable=not progress)
@@ -84,6 +89,9 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
         bar.update(1)
         if after_step is not None:
             after_step(dist.step)
+        if log_every and dist.step % log_every == 0 and dist.step % every and dist.step != steps:
+            on_log({**terms, "step": dist.step, "segment": dist.k, "samples_per_s": n_samples / max(t_train, 1e-9),
+                    "time": time.time(), "kind": "log"})
         if dist.step % every == 0 or dist.step == steps:
             metrics = {**terms, "step": dist.step, "segment": dist.k, "loss_avg": sum(recent) / len(recent),
                        "val_loss": dist.val_loss(val_batches), "samples_per_s": n_samples / max(t_train, 1e-9),
@@ -100,7 +108,7 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
 def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module, teacher: TeacherCallable,
                 teacher_channels: dict | None, dataset, ckpt_dir: str | Path | None = None,
                 on_report: Callable[[dict], None] | None = None, progress: bool = False,
-                uncond: torch.Tensor | None = None) -> dict:
+                uncond: torch.Tensor | None = None, on_log: Callable[[dict], None] | None = None) -> dict:
     """Segment ``k`` in this process (the local engine): :func:`run` with checkpoints in ``ckpt_dir``.
 
     Args:
@@ -125,4 +133,4 @@ def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.
             on_report(metrics)
 
     batches = segment_batches(cfg, k, dataset, cfg.train.batch_size)
-    return {**run(dist, batches, teacher, val, report, progress=progress), "distiller": dist}
+    return {**run(dist, batches, teacher, val, report, progress=progress, on_log=on_log), "distiller": dist}

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 def run_hash(d: dict) -> str:
     # what makes two runs "the same run" (resumable into one --out): everything but runtime placement / tracking
     keep = {k: v for k, v in d.items() if k not in ("ray", "mlflow", "eval", "debug", "sampling")}
+    if isinstance(keep.get("train"), dict):  # how often live metrics are sent changes nothing trained
+        keep["train"] = {k: v for k, v in keep["train"].items() if k != "log_every"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 

@@ -19,8 +19,10 @@ from typing import Callable
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.distill.run_folder import finished_summary, is_text_to_image, load_cond_data, prepare_run
+from o2mkd_ray.engine.console import ConsoleProgress, checkpoints_only
 from o2mkd_ray.engine.faults import teacher_fault, watch_driver
 from o2mkd_ray.engine.phases import PhaseTimer
+from o2mkd_ray.engine.ray_compat import check_ray_version, session_logs_dir
 from o2mkd_ray.engine.run_folder import finish_run
 from o2mkd_ray.engine.session import tracked_session
 from o2mkd_ray.engine.trainers import (
@@ -28,7 +30,6 @@ from o2mkd_ray.engine.trainers import (
     fit_all,
     fit_segment,
     loop_configs,
-    print_progress,
     student_inits,
 )
 from o2mkd_ray.errors import ConfigError
@@ -38,6 +39,9 @@ from o2mkd_ray.errors import ConfigError
 RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_DEDUP_LOGS": "1",
+    # segments train with fractional CPUs, so a local Ray runs more worker processes than cores by design: the
+    # raylet's "N worker processes have been started ... maximum expected startup concurrency" warning is expected
+    "RAY_worker_maximum_startup_concurrency": "64",
 }
 
 
@@ -47,8 +51,11 @@ def ray_env(cfg: Config) -> dict[str, str]:
     return {**RAY_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(cfg.ray.health_check_interval_s)}
 
 
-def init_ray(cfg: Config) -> tuple[bool, str]:
+def init_ray(cfg: Config, verbose: bool = True) -> tuple[bool, str]:
     """Connects to ``ray.address`` / ``RAY_ADDRESS``, or starts a local Ray (unless one is already up).
+
+    Ray's Python logging goes to the process's logging handlers (the CLI sends it to the run's log file);
+    ``verbose`` False keeps the workers' and raylet's output in Ray's session logs instead of the driver's console.
 
     Returns:
         ``(started, gcs_address)``: ``started`` is True when this call started or connected Ray (the caller shuts
@@ -61,7 +68,8 @@ def init_ray(cfg: Config) -> tuple[bool, str]:
     if ray.is_initialized():
         return False, ray.get_runtime_context().gcs_address
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    quiet = dict(configure_logging=True, logging_level=logging.WARNING)
+    check_ray_version()
+    quiet = dict(configure_logging=False, logging_level=logging.INFO, log_to_driver=verbose)
     if address:
         from o2mkd_ray.engine.ray_compat import check_ray_address
 
@@ -86,7 +94,7 @@ def init_ray(cfg: Config) -> tuple[bool, str]:
 def run_distillation(cfg: Config, out: str | Path, progress: bool = True,
                      on_progress: Callable[[int, dict], None] | None = None, tracker=None,
                      parent_run_id: str | None = None, train_callbacks: list | None = None,
-                     checked: bool = False) -> dict:
+                     checked: bool = False, verbose: bool = True) -> dict:
     """Distils the teacher into ``segments.n`` students, one Ray TorchTrainer per segment, all concurrently;
     tracks the run in MLflow (parent run + one child per segment) and runs the quick evaluation.
 
@@ -101,11 +109,13 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True,
         train_callbacks: Ray Train run callbacks given to every segment's ``RunConfig`` (a Tune trial registers
             its trainers' controllers this way, to abort them when the trial is stopped).
         checked: the caller already ran :func:`o2mkd_ray.engine.session.preflight` on ``cfg`` and ``out``.
+        verbose: the workers' and raylet's own output on the driver's console (else only in Ray's logs).
     Returns:
         The report dict (also written to ``OUT/report.json``).
     """
     return tracked_session(cfg, out, "ray", tracker, parent_run_id,
-                           lambda tr: _run_ray(cfg, out, progress, on_progress, tr, train_callbacks), checked)
+                           lambda tr: _run_ray(cfg, out, progress, on_progress, tr, train_callbacks, verbose),
+                           checked)
 
 
 def teacher_run_id(out: str | Path) -> str:
@@ -160,7 +170,7 @@ def _shutdown(service: TeacherService, started_ray: bool) -> None:
         ray.shutdown()
 
 
-def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=None) -> dict:
+def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=None, verbose: bool = True) -> dict:
     """The Ray part of :func:`run_distillation`: Ray, the teacher service, N concurrent TorchTrainers, assembly.
 
     Returns:
@@ -172,7 +182,7 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
     with timer.phase("load_s"):
         out, teacher, scheduler, shape, segments = prepare_run(cfg, out, tracker.set_boundaries if tracker else None)
     with timer.phase("ray_init_s"):
-        started_ray, address = init_ray(cfg)
+        started_ray, address = init_ray(cfg, verbose)
         if tracker is not None:
             tracker.log_dict({"ray_address": address}, "ray.json")
     storage, service = cfg.ray.storage_path or str(out / "ray"), TeacherService()
@@ -186,10 +196,18 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
             configs = loop_configs(cfg, segments, scheduler, todo, inits, service.names, service.channels, cond_ref)
         watch_driver(cfg.debug, storage)
         with timer.phase("train_s"):
-            listeners = [on_progress, tracker.on_progress if tracker else None,
-                         print_progress(cfg) if progress else None]
-            fit_all(configs, lambda k, c: fit_segment(cfg, k, c, storage, out, segments, train_callbacks),
-                    ProgressRelay([f for f in listeners if f]))
+            if progress:
+                print(describe_plan(cfg, segments, todo, service.names, storage), flush=True)
+                print(f"  Ray logs: {session_logs_dir() or 'see ray.init output'} (--verbose shows them here)",
+                      flush=True)
+            console = ConsoleProgress(cfg.train.steps) if progress else None
+            listeners = [checkpoints_only(on_progress), tracker.on_progress if tracker else None, console]
+            try:
+                fit_all(configs, lambda k, c: fit_segment(cfg, k, c, storage, out, segments, train_callbacks),
+                        ProgressRelay([f for f in listeners if f]))
+            finally:
+                if console is not None:
+                    console.close()
         stats = teacher_stats(service.handles, cfg)
     finally:
         with timer.phase("ray_shutdown_s"):
@@ -197,3 +215,24 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
     return finish_run(cfg, out, teacher, scheduler, segments, shape, stats, t_start,
                       extra={"engine": "ray", "ray_address": address, "phases": timer.phases})
 
+
+def describe_plan(cfg: Config, segments, todo: list[int], teacher_names: list[str], storage: str) -> str:
+    """What runs where: one line per segment (its timesteps, workers and resources), the teacher, the storage."""
+    r = cfg.ray
+    lines = []
+    for k in range(segments.n):
+        lo, hi = segments.range(k)
+        if k not in todo:
+            lines.append(f"  seg-{k:02d}  t in [{lo}, {hi})  finished earlier: kept")
+            continue
+        ov = r.segment_overrides.get(str(k))
+        workers = (ov.num_workers if ov and ov.num_workers else None) or r.workers_per_segment
+        cpus = ov.cpus_per_worker if ov and ov.cpus_per_worker is not None else r.cpus_per_worker
+        gpus = ov.gpus_per_worker if ov and ov.gpus_per_worker is not None else r.gpus_per_worker
+        res = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+        lines.append(f"  seg-{k:02d}  t in [{lo}, {hi})  TorchTrainer seg-{k:02d}: {workers} worker(s) x {res}")
+    t = cfg.teacher
+    teacher = (f"{len(teacher_names)} shared actor(s) x {t.num_cpus:g} CPU" + (f" + {t.num_gpus:g} GPU" if t.num_gpus
+               else "") if teacher_names else "a copy in each worker (teacher.mode: local)")
+    return "\n".join([f"training {len(todo)} of {segments.n} segments concurrently, {cfg.train.steps} steps each:",
+                      *lines, f"  teacher: {teacher}", f"  checkpoints: {storage}"])

@@ -93,3 +93,13 @@ def bootstrap_address(address: str) -> str:
     except ImportError as e:
         raise _moved("ray._private.services.canonicalize_bootstrap_address_or_die", e) from None
     return canonicalize_bootstrap_address_or_die(address)
+
+
+def session_logs_dir() -> str | None:
+    """The logs folder of the connected Ray session on this machine (internal: the driver's node object), or None
+    when this Ray does not expose it."""
+    try:
+        from ray._private.worker import _global_node
+    except ImportError:
+        return None
+    return _global_node.get_logs_dir_path() if _global_node is not None else None

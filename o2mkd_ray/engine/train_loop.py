@@ -18,6 +18,7 @@ import ray.train.torch
 import torch
 
 from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.background import BatchingSender
 from o2mkd_ray.distill.checkpoints import restore_checkpoint
 from o2mkd_ray.distill.distiller import SegmentDistiller
 
@@ -65,8 +66,14 @@ def train_loop_per_worker(config: dict) -> dict:
     batches = segment_batches(cfg, k, dataset, per_worker, prepare)
     val = fixed_val_batches(dist, dataset, teacher, cfg.train.val_batches, per_worker)
     queue = (config.get("progress") or [None])[0]
-    res = run(dist, batches, teacher, val, _reporter(dist, rank, queue), world=world,
-              after_step=worker_hook(cfg.debug, k, rank))
+    # live metrics every train.log_every steps: rank 0 hands them to a sender thread (a deque append in the loop)
+    live = BatchingSender(queue.put_nowait_batch) if rank == 0 and queue is not None else None
+    try:
+        res = run(dist, batches, teacher, val, _reporter(dist, rank, queue), world=world,
+                  after_step=worker_hook(cfg.debug, k, rank), on_log=live.send if live else None)
+    finally:
+        if live is not None:
+            live.close()
     return {**res, "segment": k, "entered_at": entered, "started_at": entered}
 
 

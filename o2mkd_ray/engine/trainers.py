@@ -125,7 +125,7 @@ def fit_segment(cfg: Config, k: int, loop_config: dict, storage: str, out: Path,
                               fit_finished_at=time.time(), worker_entered_at=run.get("entered_at"))
     with ckpt.as_directory() as d:
         save_segment(out, k, Path(d), summary)
-    log.warning("segment %d finished: %d steps, loss %.4f", k, summary["steps"], summary["final_loss"] or float("nan"))
+    log.info("segment %d saved: %d steps, loss %.4f", k, summary["steps"], summary["final_loss"] or float("nan"))
     return summary
 
 
@@ -182,12 +182,3 @@ def fit_all(configs: dict[int, dict], fit: Callable[[int, dict], dict], relay: P
         k, e = next(iter(errors.items()))
         raise RuntimeError(f"segment(s) {sorted(errors)} failed; first error (segment {k}): {e}") from e
     return results
-
-
-def print_progress(cfg: Config) -> Callable[[int, dict], None]:
-    """A progress listener printing one line per report."""
-    def show(k: int, m: dict) -> None:
-        print(f"[seg-{k:02d}] step {int(m['step']):>6}/{cfg.train.steps}  loss {m['loss_avg']:.4f}  "
-              f"val {m['val_loss']:.4f}  {m['samples_per_s']:.0f} samples/s", flush=True)
-
-    return show

@@ -48,6 +48,7 @@ MODEL_NAME = "model"  # the pyfunc model: mlflow.pyfunc.load_model(f"runs:/{run_
 PIPELINE_PATH = "pipeline"  # the diffusers folder, as plain run artifacts
 ARTIFACT_HTTP_TIMEOUT_S = 60  # one artifact upload may take longer than a metric batch
 MAX_BUFFERED = 50_000  # metric values per segment kept while the store is unreachable
+LIVE_FLUSH_S = 2.0  # live metrics wait at most this long for the next batch to the store
 
 
 class RunTracker(ResilientMlflow):
@@ -86,6 +87,7 @@ class RunTracker(ResilientMlflow):
         self._resumed = False
         self._boundaries: list[int] | None = None
         self._pending: dict[int, list[Metric]] = {}
+        self._flushed_at = 0.0
         self._lock = threading.RLock()
 
     # -------------------------------------------------------------------------------------------------- runs
@@ -233,18 +235,23 @@ class RunTracker(ResilientMlflow):
         ts = metrics.get("time")
         ts_ms = int(ts * 1000) if isinstance(ts, (int, float)) and ts > 1e9 else int(time.time() * 1000)
         batch = [Metric(str(key)[:MAX_ENTITY_KEY_LENGTH], float(v), ts_ms, step) for key, v in metrics.items()
-                 if key not in ("step", "segment", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+                 if key not in ("step", "segment", "time", "kind") and isinstance(v, (int, float))
+                 and not isinstance(v, bool)]
         with self._lock:
             pending = self._pending.setdefault(k, [])
             pending.extend(batch)
             if len(pending) > MAX_BUFFERED:  # a long outage: keep the newest
                 self._lost(f"seg-{k:02d}: oldest metric values (buffer full during an outage)")
                 del pending[: len(pending) - MAX_BUFFERED]
-            self.flush()
+            # live metrics (every train.log_every steps of every segment) go in batches, at most every
+            # LIVE_FLUSH_S; a checkpoint report goes at once
+            if metrics.get("kind") != "log" or time.monotonic() - self._flushed_at >= LIVE_FLUSH_S:
+                self.flush()
 
     def flush(self) -> bool:
         """Sends buffered metrics; True when nothing is left (on_progress calls it, :meth:`finish` once more)."""
         with self._lock:
+            self._flushed_at = time.monotonic()
             for k in sorted(self._pending):
                 pending = self._pending[k]
                 rid = self.segment_run(k) if pending else None
