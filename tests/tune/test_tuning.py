@@ -169,12 +169,13 @@ def test_bad_space_files_and_infeasible_samples(tiny_overrides, tmp_path):
 
 
 def test_unbuildable_student_widths_fail_before_ray(tiny_overrides):
+    from o2mkd_ray.config.loading import from_dict
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.errors import ConfigError
     from o2mkd_ray.tune.space import check_students, parse_space
 
     base = _base(tiny_overrides)
-    teacher, _ = load_teacher(__import__("o2mkd_ray.config").from_dict(base).teacher)
+    teacher, _ = load_teacher(from_dict(base).teacher)
     check_students(parse_space({"students.width": {"per_segment_choice": [0.5, 1.0]}}), teacher, base)
     with pytest.raises(ConfigError, match="0 channels"):  # 4 channels x 0.1 rounds to 0
         check_students(parse_space({"students.width": {"per_segment_choice": [0.5, 0.1]}}), teacher, base)
@@ -396,6 +397,14 @@ def test_objective_and_cost_on_a_built_pipeline(tiny_overrides, tmp_path):
 # one real Tune run
 
 
+def _ray_address() -> str:
+    """This test's Ray cluster, for the state API (which otherwise looks for one and fails when other local
+    clusters run beside it)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, tiny_overrides, tmp_path):
@@ -524,9 +533,9 @@ def test_asha_stopped_trials_release_all_cluster_resources(ray_local, tiny_overr
     total = ray.cluster_resources()["CPU"]
     deadline, state = time.time() + 30, None
     while time.time() < deadline:
-        pgs = [(p.placement_group_id, p.state) for p in list_placement_groups(limit=1000)
+        pgs = [(p.placement_group_id, p.state) for p in list_placement_groups(address=_ray_address(), limit=1000)
                if p.state in ("CREATED", "PENDING", "RESCHEDULING")]
-        actors = [(a.class_name, a.name) for a in list_actors(limit=1000) if a.state != "DEAD"
+        actors = [(a.class_name, a.name) for a in list_actors(address=_ray_address(), limit=1000) if a.state != "DEAD"
                   and (a.class_name in ("TrainController", "RayTrainWorker", "_Server", "_ControllerRegistry")
                        or (a.name or "").startswith("o2mkd-teacher-"))]
         state = (ray.available_resources().get("CPU", 0.0), pgs, actors)
@@ -583,7 +592,7 @@ def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
             return stop_trial_trainers(timeout_s=60)
 
     def live_pgs():
-        return [p.placement_group_id for p in list_placement_groups(limit=1000)
+        return [p.placement_group_id for p in list_placement_groups(address=_ray_address(), limit=1000)
                 if p.state in ("CREATED", "PENDING", "RESCHEDULING")]
 
     total = ray.cluster_resources()["CPU"]
