@@ -358,3 +358,6 @@ def run_trial(config: dict, ctx: dict) -> None:
         tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "final"})
         tracker.finish("FINISHED")
     tune.report(final)
+
+
+run_trial.__mixins__ = (_StopTrainersOnCleanup,)  # wrap_function builds the trial's FunctionTrainable with it

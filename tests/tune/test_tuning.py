@@ -617,3 +617,15 @@ def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
     time.sleep(3)  # a leaked group would be placed right after the hog went
     state = (ray.available_resources().get("CPU", 0.0), live_pgs())
     assert abs(state[0] - total) < 1e-6 and not state[1], (total, state)
+
+
+def test_the_trial_trainable_stops_its_trainers_on_cleanup():
+    """The trainable Tune builds from the search's trial function carries the clean-up mixin (through
+    ``tune.with_parameters``), so a stopped trial aborts its trainers."""
+    from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from o2mkd_ray.tune.trial import run_trial
+
+    cls = wrap_function(tune.with_parameters(run_trial, ctx={}))
+    assert cls.cleanup.__qualname__ == "_StopTrainersOnCleanup.cleanup"
