@@ -8,8 +8,8 @@ from pathlib import Path
 
 from o2mkd_ray.config.loading import load_config
 from o2mkd_ray.errors import ConfigError
+from o2mkd_ray.tune.resolve import to_builtin
 from o2mkd_ray.tune.search import run_tuning
-from o2mkd_ray.tune.space import to_builtin
 
 
 def add_tune_parser(subparsers):

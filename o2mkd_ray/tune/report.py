@@ -2,7 +2,7 @@
 (``pareto.png``) and the best finished trial as a full, ready-to-run config (``best.yaml``); also ends the
 MLflow runs of trials that never finished.
 
-Used by :func:`o2mkd_ray.tune.search.run_tuning`; :mod:`o2mkd_ray.tune.search` re-exports these names.
+Used by :func:`o2mkd_ray.tune.search.run_tuning`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ import yaml
 
 from o2mkd_ray.core.atomic import replace_file, write_text
 from o2mkd_ray.errors import ConfigError
-from o2mkd_ray.tune.space import (
-    CUTS_KEY,
-    PER_SEGMENT_KEYS,
-    SearchSpace,
-    flatten_keys,
-    resolve_trial_config,
-    to_builtin,
-)
+from o2mkd_ray.tune.cuts import CUTS_KEY
+from o2mkd_ray.tune.resolve import config_leaves, resolve_trial_config, to_builtin
+from o2mkd_ray.tune.space import PER_SEGMENT_KEYS, SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +44,7 @@ def results_frame(grid, sp: SearchSpace, trial_base: dict, T: int, teacher, shap
                        widths=json.dumps(w if isinstance(w, list) else [w] * tc.segments.n))
             if tc.students.layers_per_block is not None:
                 row["layers_per_block"] = json.dumps(tc.students.layers_per_block)
-            flat = flatten_keys(tc.to_dict())
+            flat = config_leaves(tc.to_dict())
             row.update({k: flat.get(k) for k in others})
             cost = m.get("cost")
             if cost is None:

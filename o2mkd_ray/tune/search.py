@@ -17,8 +17,8 @@ space holds as many as the largest ``segments.n`` and a trial takes the first n)
 ``segments.boundaries``. With ``search: {algorithm: grid}`` every ``choice`` becomes a grid (per-segment values
 stay sampled).
 
-``ordered_cuts`` always gives valid, strictly increasing boundaries (see :mod:`o2mkd_ray.tune.space`); the
-parsing and the sample -> Config translation live there and are re-exported here.
+``ordered_cuts`` always gives valid, strictly increasing boundaries (:mod:`o2mkd_ray.tune.cuts`); the space
+file is parsed in :mod:`o2mkd_ray.tune.space` and a sample becomes a Config in :mod:`o2mkd_ray.tune.resolve`.
 
 Each trial runs :func:`o2mkd_ray.engine.driver.run_distillation` (its segments' TorchTrainers concurrently, inside
 the trial) into ``OUT/tune/trials/<trial_id>``. While training, the trial reports ``quality`` = mean over
@@ -53,20 +53,10 @@ from o2mkd_ray.config.loading import from_dict
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.errors import ConfigError
+from o2mkd_ray.tune.cuts import CUTS_KEY, weights_from_boundaries
 from o2mkd_ray.tune.report import close_trial_runs, results_frame, write_outputs
-from o2mkd_ray.tune.space import (
-    CUTS_KEY,
-    INDEXED_KEY,
-    SearchSpace,
-    apply_budget,
-    check_space,
-    check_students,
-    flatten_keys,
-    load_space,
-    resolve_trial_config,
-    to_builtin,
-    weights_from_boundaries,
-)
+from o2mkd_ray.tune.resolve import INDEXED_KEY, apply_budget, config_leaves, resolve_trial_config, to_builtin
+from o2mkd_ray.tune.space import SearchSpace, check_space, check_students, load_space
 from o2mkd_ray.tune.trial import TRIAL_CPU, default_tracker, refuse_text_to_image, run_trial, trial_resources
 
 log = logging.getLogger(__name__)
@@ -137,7 +127,7 @@ def _fill_point(point: dict, param_space: dict, base: dict) -> dict:
     # searchers other than the basic one want complete points: take the base config's value where it fits
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    flat = {k: v for k, v in flatten_keys(base).items()}
+    flat = config_leaves(base)
     out = dict(point)
     for k, dom in param_space.items():
         if k in out:

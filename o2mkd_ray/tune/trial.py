@@ -17,7 +17,7 @@ import numpy as np
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.errors import ConfigError
-from o2mkd_ray.tune.space import resolve_trial_config
+from o2mkd_ray.tune.resolve import resolve_trial_config
 
 log = logging.getLogger(__name__)
 

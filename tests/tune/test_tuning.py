@@ -40,7 +40,8 @@ def _assert_valid(b, n, T=T):
 
 def test_any_sample_resolves_to_a_valid_config(tiny_overrides):
     from o2mkd_ray.core.segments import Segments
-    from o2mkd_ray.tune.space import apply_budget, parse_space, resolve_trial_config, sample_point
+    from o2mkd_ray.tune.resolve import apply_budget, resolve_trial_config
+    from o2mkd_ray.tune.space import parse_space, sample_point
 
     sp = parse_space(SPACE)
     base = apply_budget(_base(tiny_overrides), sp.budget)
@@ -70,7 +71,7 @@ def test_any_sample_resolves_to_a_valid_config(tiny_overrides):
        min_gap=st.floats(0, 0.2), data=st.data())
 def test_cuts_from_weights_always_valid_and_invertible(n, T, low, span, min_gap, data):
     from o2mkd_ray.errors import ConfigError
-    from o2mkd_ray.tune.space import cut_room, cuts_from_weights, weights_from_boundaries
+    from o2mkd_ray.tune.cuts import cut_room, cuts_from_weights, weights_from_boundaries
 
     high = min(1.0, low + span)
     weights = data.draw(st.lists(st.floats(0, 1), min_size=n, max_size=n))
@@ -90,7 +91,7 @@ def test_cuts_from_weights_always_valid_and_invertible(n, T, low, span, min_gap,
 
 
 def test_explicit_values_and_uniform_defaults(tiny_overrides):
-    from o2mkd_ray.tune.space import resolve_trial_config
+    from o2mkd_ray.tune.resolve import resolve_trial_config
 
     base = _base(tiny_overrides)
     cfg = resolve_trial_config(base, {"segments.boundaries": [0, 100, 1000], "students.width": [0.5, 1.0]}, T)
@@ -101,7 +102,8 @@ def test_explicit_values_and_uniform_defaults(tiny_overrides):
 
 
 def test_shipped_spaces_parse_and_resolve(tiny_overrides):
-    from o2mkd_ray.tune.space import apply_budget, check_space, load_space
+    from o2mkd_ray.tune.resolve import apply_budget
+    from o2mkd_ray.tune.space import check_space, load_space
 
     for name in ("boundaries_widths.yaml", "kd_weights.yaml"):
         sp = load_space(ROOT / "tune_spaces" / name)
@@ -149,7 +151,8 @@ def test_bad_spaces_raise_config_error(space, match):
 
 def test_bad_space_files_and_infeasible_samples(tiny_overrides, tmp_path):
     from o2mkd_ray.errors import ConfigError
-    from o2mkd_ray.tune.space import apply_budget, check_space, load_space, parse_space
+    from o2mkd_ray.tune.resolve import apply_budget
+    from o2mkd_ray.tune.space import check_space, load_space, parse_space
 
     with pytest.raises(ConfigError, match="does not exist"):
         load_space(tmp_path / "nope.yaml")
@@ -227,8 +230,9 @@ def test_seed_points_express_the_analysis_proposal(tiny_overrides):
     from o2mkd_ray.config.loading import from_dict
     from o2mkd_ray.core.segments import Segments
     from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries
+    from o2mkd_ray.tune.resolve import resolve_trial_config
     from o2mkd_ray.tune.search import seed_points
-    from o2mkd_ray.tune.space import parse_space, resolve_trial_config
+    from o2mkd_ray.tune.space import parse_space
 
     sp = parse_space({"segments.n": {"choice": [2, 3]},
                       "segments.boundaries": {"ordered_cuts": {"low": 0.0, "high": 1.0, "min_gap": 0.001}},
@@ -252,8 +256,9 @@ def test_seed_points_are_complete_for_optuna_and_hyperopt(tiny_overrides):
 
     from o2mkd_ray.config.loading import from_dict
     from o2mkd_ray.tune.analysis import feature_stats
+    from o2mkd_ray.tune.resolve import resolve_trial_config
     from o2mkd_ray.tune.search import seed_points
-    from o2mkd_ray.tune.space import parse_space, resolve_trial_config
+    from o2mkd_ray.tune.space import parse_space
 
     base = _base(tiny_overrides, "kd.lambda_feat=0.05", "students.width=0.5")
     cfg = from_dict(base)
@@ -322,7 +327,8 @@ def test_results_table_best_yaml_and_max_cost(tiny_overrides, tmp_path):
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.errors import ConfigError
     from o2mkd_ray.tune.report import results_frame, write_outputs
-    from o2mkd_ray.tune.space import apply_budget, parse_space, sample_point
+    from o2mkd_ray.tune.resolve import apply_budget
+    from o2mkd_ray.tune.space import parse_space, sample_point
 
     sp = parse_space({**SPACE, "segments.n": {"choice": [2, 3]}})
     base = _base(tiny_overrides)
@@ -414,8 +420,9 @@ def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, t
     from o2mkd_ray.config.loading import load_config
     from o2mkd_ray.errors import ConfigError
     from o2mkd_ray.tune.analysis import propose_boundaries
+    from o2mkd_ray.tune.resolve import apply_budget, resolve_trial_config
     from o2mkd_ray.tune.search import run_tuning
-    from o2mkd_ray.tune.space import apply_budget, load_space, resolve_trial_config
+    from o2mkd_ray.tune.space import load_space
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
@@ -629,3 +636,16 @@ def test_the_trial_trainable_stops_its_trainers_on_cleanup():
 
     cls = wrap_function(tune.with_parameters(run_trial, ctx={}))
     assert cls.cleanup.__qualname__ == "_StopTrainersOnCleanup.cleanup"
+
+
+def test_config_leaves_keep_mapping_valued_keys_whole():
+    """The tuned keys' values come from config_leaves, not tracking's flatten: a space may tune a mapping-valued
+    config key (``students.unet``, ``debug``), and its row and best.yaml need the whole mapping."""
+    from o2mkd_ray.tracking.redaction import flatten
+    from o2mkd_ray.tune.resolve import config_leaves
+
+    d = {"students": {"width": 0.5, "unet": {"block_out_channels": [4, 8]}}, "debug": {}, "kd": {"lambda_feat": 1}}
+    assert config_leaves(d) == {"students.width": 0.5, "students.unet": {"block_out_channels": [4, 8]},
+                                "debug": {}, "kd.lambda_feat": 1}
+    assert "students.unet" not in flatten(d)  # the twin that is not one
+    assert config_leaves({"train": {"stepz": 3}}) == {"train.stepz": 3}  # unknown keys stay, to be named in errors
