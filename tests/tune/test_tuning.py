@@ -415,8 +415,8 @@ def _ray_address() -> str:
 @pytest.mark.slow
 def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, tiny_overrides, tmp_path):
     import mlflow
-    from o2mkd_ray.main import main
 
+    from o2mkd_ray.cli.main import main
     from o2mkd_ray.config.loading import load_config
     from o2mkd_ray.errors import ConfigError
     from o2mkd_ray.tune.analysis import propose_boundaries
