@@ -658,8 +658,8 @@ def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
 
 def test_trial_state_is_shared_by_trial_id_and_a_stop_before_the_start_holds(ray_local, tmp_path):
     """The trainable owns the trial's state from its setup; the trial function finds it by the trial id and
-    records what the cleanup needs. A cleanup that runs before the trial function got going leaves the trial
-    flagged as stopping, so that it starts no trainer."""
+    records what the cleanup needs (here: its teacher actor, which the cleanup then kills). A cleanup that runs
+    before the trial function got going leaves the trial flagged as stopping, so that it starts no trainer."""
     import ray
 
     from o2mkd_ray.tune.stopping import StopTrainersOnCleanup
@@ -675,17 +675,23 @@ def test_trial_state_is_shared_by_trial_id_and_a_stop_before_the_start_holds(ray
                 state.record(out, teachers)
             return state.stopping()
 
-        def seen_by_cleanup(self) -> tuple:
-            return self.trial_state.recorded()
-
         def stop(self) -> bool:
             self.cleanup()
             return self.cleaned
 
+    @ray.remote(num_cpus=0)
+    class Teacher:
+        def ping(self) -> bool:
+            return True
+
+    teacher = Teacher.options(name="o2mkd-teacher-t-shared-0").remote()
+    assert ray.get(teacher.ping.remote())
     trial = Trial.remote("t-shared")
-    assert ray.get(trial.trial_function.remote(str(tmp_path / "a"), ["o2mkd-teacher-x-0"])) is False
-    assert ray.get(trial.seen_by_cleanup.remote()) == (tmp_path / "a", ["o2mkd-teacher-x-0"])
-    assert ray.get(trial.stop.remote()) and ray.get(trial.trial_function.remote(None, []))
+    assert ray.get(trial.trial_function.remote(str(tmp_path / "a"), ["o2mkd-teacher-t-shared-0"])) is False
+    assert ray.get(trial.stop.remote())
+    with pytest.raises(ray.exceptions.RayActorError):  # the cleanup found the teacher the trial function recorded
+        ray.get(teacher.ping.remote(), timeout=60)
+    assert ray.get(trial.trial_function.remote(None, []))  # and the trial is flagged as stopping
     assert not (tmp_path / "a").exists()  # no trainer was running: nothing to write
 
     early = Trial.remote("t-early")
