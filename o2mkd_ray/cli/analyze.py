@@ -10,7 +10,13 @@ from o2mkd_ray.tune.analysis import analyze
 
 
 def add_analyze_parser(subparsers):
-    """Adds ``analyze CONFIG [--n N] [--out DIR] [--set ...]`` to an argparse subparsers object."""
+    """Adds ``analyze CONFIG [--n N] [--out DIR] [--set ...] [--images K] [--timesteps M] [--seed S]``.
+
+    Args:
+        subparsers: an argparse subparsers object.
+    Returns:
+        The ``analyze`` parser.
+    """
     p = subparsers.add_parser("analyze", help="teacher feature statistics per timestep (box plot) and a "
                                               "boundary proposal (writes OUT/analysis/)")
     p.add_argument("config", help="pipelines/*.yaml")
@@ -24,7 +30,13 @@ def add_analyze_parser(subparsers):
 
 
 def run_analyze_cli(args) -> int:
-    """Runs :func:`analyze` for parsed ``analyze`` arguments; prints the proposal and files as JSON."""
+    """Runs :func:`analyze` for parsed ``analyze`` arguments; prints the proposal and files as JSON.
+
+    Args:
+        args: from the parser of :func:`add_analyze_parser`.
+    Returns:
+        The exit code (0).
+    """
     from o2mkd_ray.config.loading import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -8,13 +8,20 @@ from pathlib import Path
 
 from o2mkd_ray.config.loading import load_config
 from o2mkd_ray.errors import ConfigError
+from o2mkd_ray.tune.report import OUTPUT_FILES
+from o2mkd_ray.tune.resolve import to_builtin
 from o2mkd_ray.tune.search import run_tuning
-from o2mkd_ray.tune.space import to_builtin
 
 
 def add_tune_parser(subparsers):
     """Adds ``tune CONFIG SPACE [--num-samples K] [--out DIR] [--set ...] [--max-cost C] [--seed-from-analysis]
-    [--no-resume]`` to an argparse subparsers object; returns the parser."""
+    [--no-resume]``.
+
+    Args:
+        subparsers: an argparse subparsers object.
+    Returns:
+        The ``tune`` parser.
+    """
     p = subparsers.add_parser("tune", help="Ray Tune over boundaries/widths/KD weights; one trial = one whole "
                                            "O2MKD run (writes OUT/tune/results.csv, pareto.png, best.yaml)")
     p.add_argument("config", help="pipelines/*.yaml (the full budget; the space's budget: reduces trials)")
@@ -31,7 +38,13 @@ def add_tune_parser(subparsers):
 
 
 def run_tune_cli(args) -> int:
-    """Runs :func:`run_tuning` for parsed ``tune`` arguments; prints a JSON summary."""
+    """Runs :func:`run_tuning` for parsed ``tune`` arguments; prints a JSON summary.
+
+    Args:
+        args: from the parser of :func:`add_tune_parser`.
+    Returns:
+        The exit code (0).
+    """
     cfg = load_config(args.config, args.overrides)
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
@@ -45,6 +58,6 @@ def run_tune_cli(args) -> int:
         "best": {"trial_id": best["trial_id"], "quality": float(best["quality"]), "cost": float(best["cost"]),
                  "boundaries": json.loads(best["boundaries"]), "widths": json.loads(best["widths"])},
         "pareto": df[df["pareto"]][["trial_id", "quality", "cost"]].to_dict("records"),
-        "files": [str(tdir / f) for f in ("results.csv", "pareto.png", "best.yaml")],
+        "files": [str(tdir / f) for f in OUTPUT_FILES],
     }, indent=2, default=to_builtin))
     return 0

@@ -1,11 +1,9 @@
 """Per-timestep statistics of the teacher's intermediate features, the box plot of them, and a boundary proposal.
 
-O2MKD motivates the timestep split with the teacher's feature distributions changing along t (Zhang & Ma,
-arXiv 2410.04191, Fig. 1: box plots of intermediate activations per timestep). This module measures them on a
-fixed sample of ``x_0`` (and a fixed ε per image, so only t moves) and proposes segment boundaries where they
-shift most: the optimal k-segmentation of the standardised statistics trajectory (dynamic programming over the
-timestep grid, minimising the within-segment sum of squares; Bellman 1961, "On the approximation of curves by
-line segments using dynamic programming").
+O2MKD splits the timesteps among students because the teacher's intermediate feature distributions change
+along t. This module measures them on a fixed sample of ``x_0`` (and a fixed ε per image, so only t moves) and
+proposes segment boundaries where they shift most: the optimal k-segmentation of the standardised statistics
+trajectory (exact dynamic programming over the timestep grid, minimising the within-segment sum of squares).
 
 Plain torch (no Ray). ``analyze(cfg, OUT)`` writes ``OUT/analysis/``: ``feature_boxplot.png``, ``stats.csv``,
 ``boundaries.yaml`` (a config snippet ``segments: {boundaries: [...]}``).
@@ -48,6 +46,53 @@ def timestep_grid(num_train_timesteps: int, num: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, num_train_timesteps - 1, num)})
 
 
+def _hooked_blocks(teacher: torch.nn.Module, blocks: Sequence[str] | None) -> list[str]:
+    # the blocks to hook: the named ones (all of them must exist), else every hookable one
+    from o2mkd_ray.core.features import hookable_blocks
+
+    available = hookable_blocks(teacher)
+    blocks = list(blocks) if blocks else available
+    if not blocks:
+        raise ConfigError(f"analysis: the teacher ({type(teacher).__name__}) has no hookable UNet blocks "
+                          "(down_blocks / mid_block / up_blocks); feature statistics need a UNet teacher")
+    missing = [b for b in blocks if b not in available]
+    if missing:
+        raise ConfigError(f"analysis: teacher has no block(s) {missing}; available: {available}")
+    return blocks
+
+
+def _fixed_sample(dataset, num_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # num_images x_0 (the dataset repeated if smaller) and one ε each, from one generator: the same at every t
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)
+    idx = order.repeat(math.ceil(num_images / len(dataset)))[:num_images]
+    x_0 = torch.stack([dataset[int(i)][0] for i in idx]).float()  # (N, C, H, W)
+    return x_0, torch.randn(x_0.shape, generator=g)
+
+
+def _activations(teacher, hooks, blocks: list[str], scheduler, x_0, eps, t: int, batch_size: int) -> dict:
+    # every hooked block's output activations at timestep t, flattened over the whole sample
+    p = next(teacher.parameters())
+    acts: dict[str, list[torch.Tensor]] = {b: [] for b in blocks}
+    for s in range(0, len(x_0), batch_size):
+        x0_b, eps_b = x_0[s:s + batch_size], eps[s:s + batch_size]
+        t_b = torch.full((len(x0_b),), int(t), dtype=torch.long)
+        hooks.clear()
+        teacher(scheduler.add_noise(x0_b, eps_b, t_b).to(p.device, p.dtype), t_b.to(p.device))
+        for b in blocks:
+            acts[b].append(hooks.features[b].float().flatten().cpu())
+    return {b: torch.cat(a).double() for b, a in acts.items()}
+
+
+def _summary(v: torch.Tensor, quantiles: Sequence[float], max_values: int, seed: int) -> list[float]:
+    # mean and std of all values, quantiles of at most max_values of them (a subset fixed by seed)
+    sub = v
+    if len(v) > max_values:  # torch.quantile has a size limit and sorts: a fixed subset is enough
+        sub = v[torch.randint(len(v), (max_values,), generator=torch.Generator().manual_seed(seed))]
+    qs = torch.quantile(sub, torch.tensor(list(quantiles), dtype=torch.float64)).tolist()
+    return [v.mean().item(), v.std().item(), *qs]
+
+
 @torch.no_grad()
 def teacher_feature_stats(teacher: torch.nn.Module, scheduler, dataset, timesteps: Sequence[int],
                           num_images: int = 64, blocks: Sequence[str] | None = None, seed: int = 0,
@@ -75,44 +120,18 @@ def teacher_feature_stats(teacher: torch.nn.Module, scheduler, dataset, timestep
     Raises:
         ConfigError: the teacher has no hookable blocks, or a named block does not exist.
     """
-    from o2mkd_ray.core.features import FeatureHooks, hookable_blocks
+    from o2mkd_ray.core.features import FeatureHooks
 
-    available = hookable_blocks(teacher)
-    blocks = list(blocks) if blocks else available
-    if not blocks:
-        raise ConfigError(f"analysis: the teacher ({type(teacher).__name__}) has no hookable UNet blocks "
-                          "(down_blocks / mid_block / up_blocks); feature statistics need a UNet teacher")
-    missing = [b for b in blocks if b not in available]
-    if missing:
-        raise ConfigError(f"analysis: teacher has no block(s) {missing}; available: {available}")
-    p = next(teacher.parameters())
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=g)
-    idx = order.repeat(math.ceil(num_images / len(dataset)))[:num_images]
-    x_0 = torch.stack([dataset[int(i)][0] for i in idx]).float()  # (N, C, H, W)
-    eps = torch.randn(x_0.shape, generator=g)
-    q = torch.tensor(list(quantiles), dtype=torch.float64)
+    blocks = _hooked_blocks(teacher, blocks)
+    x_0, eps = _fixed_sample(dataset, num_images, seed)
     cols = stat_columns(quantiles)
     rows = []
     with FeatureHooks(teacher, blocks, detach=True) as hooks:
         for t in timesteps:
-            acts: dict[str, list[torch.Tensor]] = {b: [] for b in blocks}
-            for s in range(0, num_images, batch_size):
-                x0_b, eps_b = x_0[s:s + batch_size], eps[s:s + batch_size]
-                t_b = torch.full((len(x0_b),), int(t), dtype=torch.long)
-                x_t = scheduler.add_noise(x0_b, eps_b, t_b)
-                hooks.clear()
-                teacher(x_t.to(p.device, p.dtype), t_b.to(p.device))
-                for b in blocks:
-                    acts[b].append(hooks.features[b].float().flatten().cpu())
-            for b in blocks:
-                v = torch.cat(acts[b]).double()
-                sub = v
-                if len(v) > max_values:  # torch.quantile has a size limit and sorts: a fixed subset is enough
-                    gq = torch.Generator().manual_seed(seed * 100_003 + int(t))
-                    sub = v[torch.randint(len(v), (max_values,), generator=gq)]
-                qs = torch.quantile(sub, q).tolist()
-                rows.append({"t": int(t), "block": b, **dict(zip(cols, [v.mean().item(), v.std().item(), *qs]))})
+            acts = _activations(teacher, hooks, blocks, scheduler, x_0, eps, int(t), batch_size)
+            rows += [{"t": int(t), "block": b, **dict(zip(cols, _summary(v, quantiles, max_values,
+                                                                         seed * 100_003 + int(t))))}
+                     for b, v in acts.items()]
     return pd.DataFrame(rows)
 
 
@@ -257,7 +276,7 @@ def propose_boundaries(cfg: Config, n: int | None = None, num_images: int = 64, 
 
 def plot_feature_boxplot(stats: pd.DataFrame, boundaries: Sequence[int] | None, path: str | Path,
                          max_boxes: int = 25) -> Path:
-    """``feature_boxplot.png``: per-timestep activation distributions (the paper's Fig. 1), one panel per block.
+    """``feature_boxplot.png``: per-timestep activation distributions, one panel per block.
 
     Boxes span the 25-75 % quantiles with the median, whiskers 5-95 %, a marker at the mean; proposed
     boundaries are dashed lines.

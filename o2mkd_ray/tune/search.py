@@ -17,8 +17,9 @@ space holds as many as the largest ``segments.n`` and a trial takes the first n)
 ``segments.boundaries``. With ``search: {algorithm: grid}`` every ``choice`` becomes a grid (per-segment values
 stay sampled).
 
-``ordered_cuts`` always gives valid, strictly increasing boundaries (see :mod:`o2mkd_ray.tune.space`); the
-parsing and the sample -> Config translation live there and are re-exported here.
+``ordered_cuts`` always gives valid, strictly increasing boundaries (:mod:`o2mkd_ray.tune.cuts`); the space
+file is parsed in :mod:`o2mkd_ray.tune.space`, a sample becomes a Config in :mod:`o2mkd_ray.tune.resolve`, and
+the checks before any Ray work are in :mod:`o2mkd_ray.tune.plan`.
 
 Each trial runs :func:`o2mkd_ray.engine.driver.run_distillation` (its segments' TorchTrainers concurrently, inside
 the trial) into ``OUT/tune/trials/<trial_id>``. While training, the trial reports ``quality`` = mean over
@@ -29,8 +30,8 @@ MSE), which is on another scale for ``fidelity``. ``cost`` = sampling MACs relat
 over the timesteps (each segment's student MACs weighted by its share of ``[0, T)``).
 
 A trial runs its trainers without Train-level retries (``ray.max_failures = 0``) and, when the scheduler stops
-it, aborts them before Tune frees the trial's resources (see ``stop_trial_trainers``), so that no worker-group
-placement group outlives a stopped trial.
+it, aborts them before Tune frees the trial's resources (:mod:`o2mkd_ray.tune.stopping`), so that no
+worker-group placement group outlives a stopped trial.
 
 Outputs: ``OUT/tune/results.csv`` (one row per trial), ``OUT/tune/pareto.png`` (quality vs cost, Pareto
 front), ``OUT/tune/best.yaml`` (the best finished trial as a full, ready-to-run config).
@@ -39,8 +40,6 @@ front), ``OUT/tune/best.yaml`` (the best finished trial as a full, ready-to-run 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import logging
 import math
 import os
@@ -51,23 +50,13 @@ import pandas as pd
 
 from o2mkd_ray.config.loading import from_dict
 from o2mkd_ray.config.schema import Config
-from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.errors import ConfigError
-from o2mkd_ray.tune.report import close_trial_runs, results_frame, write_outputs
-from o2mkd_ray.tune.space import (
-    CUTS_KEY,
-    INDEXED_KEY,
-    SearchSpace,
-    apply_budget,
-    check_space,
-    check_students,
-    flatten_keys,
-    load_space,
-    resolve_trial_config,
-    to_builtin,
-    weights_from_boundaries,
-)
-from o2mkd_ray.tune.trial import TRIAL_CPU, default_tracker, refuse_text_to_image, run_trial, trial_resources
+from o2mkd_ray.tune.cuts import CUTS_KEY, weights_from_boundaries
+from o2mkd_ray.tune.plan import SearchPlan, claim_folder, plan_search, trials_need_preflight
+from o2mkd_ray.tune.report import finish_search_run, results_frame, write_outputs
+from o2mkd_ray.tune.resolve import INDEXED_KEY, config_leaves, resolve_trial_config
+from o2mkd_ray.tune.space import SearchSpace
+from o2mkd_ray.tune.trial import TRIAL_CPU, TrialContext, default_tracker, trial_trainable
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +86,7 @@ def max_concurrent_trials(cfg: Config, n: int, resources: dict | None = None) ->
 
 
 def _search_alg(settings: dict, points: list[dict], max_conc: int):
+    # the package of optuna/hyperopt was checked with the rest of the search (plan.check_algorithm)
     alg, seed = settings["algorithm"], settings["seed"]
     if alg in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -106,8 +96,6 @@ def _search_alg(settings: dict, points: list[dict], max_conc: int):
         return BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=max_conc, random_state=seed)
     from ray.tune.search import ConcurrencyLimiter
 
-    if importlib.util.find_spec(alg) is None:
-        raise ConfigError(f"search.algorithm={alg} needs `pip install {alg}`")
     if alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -137,7 +125,7 @@ def _fill_point(point: dict, param_space: dict, base: dict) -> dict:
     # searchers other than the basic one want complete points: take the base config's value where it fits
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    flat = {k: v for k, v in flatten_keys(base).items()}
+    flat = config_leaves(base)
     out = dict(point)
     for k, dom in param_space.items():
         if k in out:
@@ -157,7 +145,16 @@ def _fill_point(point: dict, param_space: dict, base: dict) -> dict:
 
 def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats=None) -> list[dict]:
     """``points_to_evaluate``: for every n of the space, the boundaries proposed from the teacher's features
-    (:func:`o2mkd_ray.tune.analysis.propose_boundaries`), then the uniform ones (duplicates dropped)."""
+    (:func:`o2mkd_ray.tune.analysis.propose_boundaries`), then the uniform ones (duplicates dropped).
+
+    Args:
+        space: the space (needs ``ordered_cuts``); cfg: the base config (teacher, data); trial_base: the config
+            dict trials start from; T: the teacher's timesteps; stats: precomputed feature statistics.
+    Returns:
+        Points of the space's ``param_space`` (complete ones for optuna and hyperopt).
+    Raises:
+        ConfigError: the space has no ``ordered_cuts``.
+    """
     from o2mkd_ray.core.segments import Segments
     from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries
 
@@ -210,102 +207,70 @@ def run_tuning(cfg: Config, space, out: str | Path, num_samples: int | None = No
         ConfigError: bad space/config/output folder (before any Ray work), a missing optuna/hyperopt, or no
             finished trial within ``max_cost`` (results.csv and pareto.png are written first).
     """
-    from ray import tune
-
-    from o2mkd_ray.core.teacher import load_teacher, sample_shape
-    from o2mkd_ray.core.teacher_checks import check_teacher
-    from o2mkd_ray.data.build import check_data
-    from o2mkd_ray.distill.run_folder import run_hash
-    from o2mkd_ray.engine.driver import init_ray
-
-    sp = load_space(space)
-    out = Path(out).expanduser().resolve()
-    tdir = out / "tune"
-    exp_dir = tdir / "ray" / "tune"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder")
-    restoring = exp_dir.is_dir() and tune.Tuner.can_restore(exp_dir)
-    if restoring and not resume:
-        raise ConfigError(f"--out {str(out)!r} already holds a tune search ({exp_dir}); drop --no-resume to "
-                          "continue it, or use a new --out")
-    check_teacher(cfg.teacher, cfg.data)
-    refuse_text_to_image(cfg, "tune")
-    check_data(cfg.data)
-    teacher, scheduler = load_teacher(cfg.teacher)
-    T = int(scheduler.config.num_train_timesteps)
-    shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
-    base = cfg.to_dict()
-    trial_base = apply_budget(base, sp.budget)
-    check_space(sp, trial_base, T)
-    check_space(sp, base, T)
-    check_students(sp, teacher, trial_base)
-    settings = sp.search
-    num_samples = num_samples or settings["num_samples"]
-    ident = {"run": run_hash(base), "space": sp.raw}  # what makes it the same search (not placement/tracking)
-    ident_file = tdir / "tune.json"
-    if ident_file.is_file() and json.loads(ident_file.read_text()).get("ident") != json.loads(json.dumps(ident)):
-        raise ConfigError(f"--out {str(out)!r} holds a tune search with another config or space; use a new --out")
-    if settings["algorithm"] in ("optuna", "hyperopt") and importlib.util.find_spec(settings["algorithm"]) is None:
-        raise ConfigError(f"search.algorithm={settings['algorithm']} needs `pip install {settings['algorithm']}`")
-    base_n = from_dict(trial_base).segments.n
-    max_n = max(sp.n_values(base_n))
-    points = seed_points(sp, cfg, trial_base, T) if seed_from_analysis and not restoring else []
-    points = points[:num_samples]  # Tune would run every point even beyond num_samples
-    tdir.mkdir(parents=True, exist_ok=True)
-    write_json(ident_file, {"ident": ident, "num_samples": num_samples, "points_to_evaluate": points},
-               default=to_builtin)
-
-    factory = tracker_factory
-    if factory is None and cfg.mlflow.enabled:
+    plan = plan_search(cfg, space, out, num_samples, resume)
+    seeded = seed_from_analysis and not plan.restoring
+    claim_folder(plan, seed_points(plan.space, cfg, plan.trial_base, plan.T) if seeded else [])
+    if tracker_factory is None and cfg.mlflow.enabled:
         from o2mkd_ray.tracking.tracker import resolve_tracking_uri
 
-        factory = functools.partial(default_tracker, resolve_tracking_uri(cfg, out))
+        tracker_factory = functools.partial(default_tracker, resolve_tracking_uri(cfg, plan.out))
+    parent, grid = _fit(plan, tracker_factory, verbose)
+    df = results_frame(grid, plan.space, plan.trial_base, plan.T, plan.teacher, plan.shape, plan.tdir)
+    try:
+        best = write_outputs(df, plan.space, plan.base, plan.T, plan.tdir, max_cost, cfg.name)
+    finally:
+        if parent is not None:
+            finish_search_run(parent, df, plan.tdir)
+    log.warning("tune: %d trials, best %s", len(df), best)
+    return df
+
+
+def _fit(plan: SearchPlan, tracker_factory: Callable | None, verbose: int):
+    # Ray started here unless it is up already; the search's own MLflow run around the Tuner. Returns that run
+    # (None without tracking) and Tune's results.
+    import ray
+
+    from o2mkd_ray.engine.driver import init_ray
+
     parent, started = None, False
     try:
-        started, _ = init_ray(cfg)
-        if factory is not None:
-            parent = factory(cfg, None)
-            parent.start(cfg, tdir, tags={"o2mkd.kind": "tune", "o2mkd.space": sp.source,
-                                          "o2mkd.objective": settings["objective"]})
-        max_conc = settings["max_concurrent"] or max_concurrent_trials(from_dict(trial_base), max_n)
-        ctx = {"base": trial_base, "constants": sp.constants(), "T": T, "trials_dir": str(tdir / "trials"),
-               "tune_dir": str(tdir), "cwd": os.getcwd(), "search": settings, "tracker_factory": factory,
-               "parent_run_id": getattr(parent, "run_id", None)}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                        trial_resources(from_dict(trial_base)))
-        if restoring:
-            log.warning("resuming the tune search in %s", exp_dir)
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space=sp.param_space(base_n),
-                tune_config=tune.TuneConfig(
-                    search_alg=_search_alg(settings, points, max_conc),
-                    scheduler=_scheduler(settings, from_dict(trial_base)), num_samples=num_samples,
-                    trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id),
-                run_config=tune.RunConfig(name="tune", storage_path=str(tdir / "ray"), verbose=verbose,
-                                          failure_config=tune.FailureConfig(max_failures=0)))
-        grid = tuner.fit()
+        started, _ = init_ray(plan.cfg)
+        if tracker_factory is not None:
+            parent = tracker_factory(plan.cfg, None)
+            parent.start(plan.cfg, plan.tdir, tags={"o2mkd.kind": "tune", "o2mkd.space": plan.space.source,
+                                                    "o2mkd.objective": plan.space.search["objective"]})
+        ctx = TrialContext(base=plan.trial_base, constants=plan.space.constants(), T=plan.T,
+                           trials_dir=str(plan.tdir / "trials"), tune_dir=str(plan.tdir), cwd=os.getcwd(),
+                           search=plan.space.search, tracker_factory=tracker_factory,
+                           parent_run_id=getattr(parent, "run_id", None), preflight=trials_need_preflight(plan.space))
+        grid = _tuner(plan, ctx, verbose).fit()
     except BaseException:
         if parent is not None:
             parent.finish("FAILED")
         raise
     finally:
         if started:
-            import ray
-
             ray.shutdown()
-    df = results_frame(grid, sp, trial_base, T, teacher, shape, tdir)
-    try:
-        best = write_outputs(df, sp, base, T, tdir, max_cost, cfg.name)
-    finally:
-        if parent is not None:
-            close_trial_runs(parent, df)
-            files = [tdir / f for f in ("results.csv", "pareto.png", "best.yaml") if (tdir / f).is_file()]
-            parent.log_artifacts(files)
-            fin = df[df["status"] == "TERMINATED"]
-            parent.log_metrics({"num_trials": len(df), "num_finished": len(fin),
-                                **({"best_quality": float(fin["quality"].min())} if len(fin) else {})})
-            parent.finish("FINISHED")
-    log.warning("tune: %d trials, best %s", len(df), best)
-    return df
+    return parent, grid
+
+
+def _tuner(plan: SearchPlan, ctx: TrialContext, verbose: int):
+    # a new Tuner, or the one restored from plan.exp_dir
+    from ray import tune
+
+    trainable = trial_trainable(ctx, plan.trial_cfg)
+    if plan.restoring:
+        log.warning("resuming the tune search in %s", plan.exp_dir)
+        return tune.Tuner.restore(str(plan.exp_dir), trainable=trainable, resume_unfinished=True)
+    settings, trial_cfg = plan.space.search, plan.trial_cfg
+    max_conc = settings["max_concurrent"] or max_concurrent_trials(
+        trial_cfg, max(plan.space.n_values(trial_cfg.segments.n)))
+    return tune.Tuner(
+        trainable, param_space=plan.space.param_space(trial_cfg.segments.n),
+        tune_config=tune.TuneConfig(
+            search_alg=_search_alg(settings, plan.points, max_conc), scheduler=_scheduler(settings, trial_cfg),
+            num_samples=plan.num_samples, trial_name_creator=lambda t: t.trial_id,
+            trial_dirname_creator=lambda t: t.trial_id,
+            reuse_actors=False),  # a trial's clean-up runs in its actor's stop(), which a reused actor skips
+        run_config=tune.RunConfig(name="tune", storage_path=str(plan.tdir / "ray"), verbose=verbose,
+                                  failure_config=tune.FailureConfig(max_failures=0)))

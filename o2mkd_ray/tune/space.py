@@ -1,13 +1,8 @@
-"""Tune search spaces for O2MKD: space files, ordered cut points, and a Tune sample -> a validated Config.
+"""Tune search spaces for O2MKD: the space file, its Tune ``param_space``, and its checks before any Ray work.
 
 A space file (``tune_spaces/*.yaml``) is plain YAML over config keys, plus ``budget:`` (per-trial overrides)
 and ``search:`` (algorithm, scheduler, objective, ...); see :mod:`o2mkd_ray.tune.search` for the run and the file
-format.
-
-Ordered cuts work with any search algorithm (no search algorithm has to know the constraint): the space holds ``max n`` weights ``w_i ~ U(0, 1)``;
-a trial with n segments puts its n-1 cuts at the normalised cumulative sums of the first n weights, mapped
-into ``[low·T, high·T]`` on integer timesteps with at least ``min_gap·T`` (and >= 1) timesteps per segment, so
-every sample gives strictly increasing boundaries ``0 < b_1 < ... < T`` with no empty segment.
+format, :mod:`o2mkd_ray.tune.cuts` for ``ordered_cuts`` and :mod:`o2mkd_ray.tune.resolve` for a sample -> Config.
 """
 
 from __future__ import annotations
@@ -15,19 +10,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
-import math
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from o2mkd_ray.config.loading import from_dict, known_keys, set_dotted
-from o2mkd_ray.config.schema import Config
+from o2mkd_ray.config.loading import from_dict, known_keys
 from o2mkd_ray.errors import ConfigError
+from o2mkd_ray.tune.cuts import CUTS_DEFAULTS, CUTS_KEY, cut_room, cuts_from_weights, parse_cuts
+from o2mkd_ray.tune.resolve import config_leaves, resolve_trial_config, to_builtin
 
 SCALAR_DISTS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -37,12 +29,6 @@ DISTRIBUTIONS = (*SCALAR_DISTS, *(f"per_segment_{d}" for d in SCALAR_DISTS if d 
 
 
 PER_SEGMENT_KEYS = ("students.width", "students.layers_per_block")
-
-
-CUTS_KEY = "segments.boundaries"
-
-
-CUTS_DEFAULTS = {"low": 0.0, "high": 1.0, "min_gap": 0.02}
 
 
 SEARCH_DEFAULTS: dict[str, Any] = {
@@ -61,9 +47,6 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 }
 
 
-INDEXED_KEY = re.compile(r"^(?P<key>[A-Za-z0-9_.]+)\[(?P<i>\d+)\]$")
-
-
 @dataclasses.dataclass
 class Param:
     """One tuned config key: ``dist`` (a name in :data:`DISTRIBUTIONS`) with its ``args``."""
@@ -79,6 +62,10 @@ class Param:
     @property
     def base_dist(self) -> str:
         return self.dist.removeprefix("per_segment_")
+
+    def values(self) -> list:
+        """The values of a discrete distribution (``randint``: low..high-1); a continuous one's two ends."""
+        return list(range(*self.args)) if self.base_dist == "randint" else list(self.args)
 
 
 @dataclasses.dataclass
@@ -102,8 +89,7 @@ class SearchSpace:
     def n_values(self, base_n: int) -> list[int]:
         """The numbers of segments trials can have."""
         if "segments.n" in self.params:
-            p = self.params["segments.n"]
-            return sorted(set(range(*p.args) if p.dist == "randint" else p.args))
+            return sorted(set(self.params["segments.n"].values()))
         b = self.params.get(CUTS_KEY)
         if b is not None and b.dist in ("choice", "grid"):
             return sorted({len(v) - 1 for v in b.args})
@@ -140,22 +126,13 @@ class SearchSpace:
         return {CUTS_KEY: {"ordered_cuts": self.cuts}} if self.cuts is not None else {}
 
 
-def _flat_budget(d: dict, prefix: str = "") -> dict[str, Any]:
-    known = set(known_keys())
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if key not in known and isinstance(v, dict) and any(x.startswith(key + ".") for x in known):
-            out.update(_flat_budget(v, key))
-        else:
-            out[key] = v
-    return out
+def _hint(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known_keys(), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+    return ConfigError(f"{where}: unknown config key '{key}'{_hint(key, known_keys())}")
 
 
 def _numbers(args, key: str, dist: str, ints: bool = False) -> list:
@@ -172,7 +149,8 @@ def _numbers(args, key: str, dist: str, ints: bool = False) -> list:
     return [lo, hi]
 
 
-def _parse_param(key: str, spec: Any, where: str) -> Param:
+def _parse_distribution(key: str, spec: Any, where: str) -> Param:
+    # the one {distribution: args} entry of a tuned key, its args checked for the distribution alone
     if key not in known_keys():
         raise _unknown_key(key, where)
     if not (isinstance(spec, dict) and len(spec) == 1):
@@ -180,72 +158,56 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
                           "(fixed values go in the budget: section or the config)")
     dist, args = next(iter(spec.items()))
     if dist not in DISTRIBUTIONS:
-        close = difflib.get_close_matches(str(dist), DISTRIBUTIONS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where} {key}: unknown distribution '{dist}'{hint}; known: {', '.join(DISTRIBUTIONS)}")
+        raise ConfigError(f"{where} {key}: unknown distribution '{dist}'{_hint(dist, DISTRIBUTIONS)}; known: "
+                          f"{', '.join(DISTRIBUTIONS)}")
     p = Param(key, dist, args)
-    base = p.base_dist
     if p.per_segment and key not in PER_SEGMENT_KEYS:
         raise ConfigError(f"{where} {key}: {dist} works on per-segment keys ({', '.join(PER_SEGMENT_KEYS)}) only")
     if dist == "ordered_cuts":
         if key != CUTS_KEY:
             raise ConfigError(f"{where} {key}: ordered_cuts works on {CUTS_KEY} only")
-        args = {} if args is None else args
-        if not isinstance(args, dict) or set(args) - set(CUTS_DEFAULTS):
-            raise ConfigError(f"{where} {key}: ordered_cuts takes a mapping with keys "
-                              f"{', '.join(CUTS_DEFAULTS)}, got {args!r}")
-        a = {**CUTS_DEFAULTS, **args}
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a.values()):
-            raise ConfigError(f"{where} {key}: ordered_cuts low/high/min_gap must be numbers, got {args!r}")
-        if not 0 <= a["low"] < a["high"] <= 1 or not 0 <= a["min_gap"] < 1:
-            raise ConfigError(f"{where} {key}: ordered_cuts needs 0 <= low < high <= 1 and 0 <= min_gap < 1 "
-                              f"(fractions of T), got {args!r}")
-        p.args = {k: float(v) for k, v in a.items()}
-        return p
-    if base in ("choice", "grid"):
+        p.args = parse_cuts(args, f"{where} {key}")
+    elif p.base_dist in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where} {key}: {dist} takes a non-empty list, got {args!r}")
     else:
-        p.args = _numbers(args, key, dist, ints=base == "randint")
-    if key == "segments.n":
-        vals = list(range(*p.args)) if base == "randint" else p.args
-        if base not in ("choice", "grid", "randint") or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals):
-            raise ConfigError(f"{where} segments.n: needs choice, grid or randint of integers >= 1, got {spec!r}")
-    if key == CUTS_KEY and base not in ("choice", "grid"):
+        p.args = _numbers(args, key, dist, ints=p.base_dist == "randint")
+    return p
+
+
+def _parse_param(key: str, spec: Any, where: str) -> Param:
+    # a tuned key: its distribution, then what the segment keys allow
+    p = _parse_distribution(key, spec, where)
+    if key == "segments.n" and (p.dist not in ("choice", "grid", "randint") or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in p.values())):
+        raise ConfigError(f"{where} segments.n: needs choice, grid or randint of integers >= 1, got {spec!r}")
+    if key == CUTS_KEY and p.dist not in ("choice", "grid", "ordered_cuts"):
         raise ConfigError(f"{where} {key}: use {{ordered_cuts: {{low, high, min_gap}}}} or a choice of explicit "
-                          f"boundary lists, got {dist}")
+                          f"boundary lists, got {p.dist}")
     if key == "segments.fractions":
         raise ConfigError(f"{where} segments.fractions: tune {CUTS_KEY} with ordered_cuts instead")
     return p
 
 
-def parse_space(data: dict, source: str = "<dict>") -> SearchSpace:
-    """Parses a space mapping (the content of a space file). Raises ConfigError naming the key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"space {source}: top level must be a mapping of config keys (plus budget:, search:)")
-    where = f"space {source}"
-    raw = copy.deepcopy(data)
-    budget = data.get("budget") or {}
-    search = data.get("search") or {}
-    if not isinstance(budget, dict) or not isinstance(search, dict):
-        raise ConfigError(f"{where}: budget: and search: must be mappings")
-    budget = _flat_budget(budget)
+def _parse_budget(budget: dict, where: str) -> dict[str, Any]:
+    budget = config_leaves(budget)
     for k in budget:
         if k not in known_keys() and not k.startswith(("students.unet.", "ray.segment_overrides.", "debug.")):
             raise _unknown_key(k, f"{where} budget")
+    return budget
+
+
+def _parse_search(search: dict, where: str) -> dict[str, Any]:
     search = dict(search)
     if "metric" in search:
         search.setdefault("objective", search.pop("metric"))
     unknown = sorted(set(search) - set(SEARCH_DEFAULTS))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], list(SEARCH_DEFAULTS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where} search: unknown setting '{unknown[0]}'{hint}; known: {', '.join(SEARCH_DEFAULTS)}")
+        raise ConfigError(f"{where} search: unknown setting '{unknown[0]}'{_hint(unknown[0], SEARCH_DEFAULTS)}; "
+                          f"known: {', '.join(SEARCH_DEFAULTS)}")
     s = {**SEARCH_DEFAULTS, **search}
-    for key, allowed in (("algorithm", ("random", "grid", "optuna", "hyperopt")), ("scheduler", ("asha", "median",
-                                                                                                 "none")),
-                         ("objective", ("agreement", "fidelity"))):
+    for key, allowed in (("algorithm", ("random", "grid", "optuna", "hyperopt")),
+                         ("scheduler", ("asha", "median", "none")), ("objective", ("agreement", "fidelity"))):
         if s[key] not in allowed:
             raise ConfigError(f"{where} search.{key}: must be one of {', '.join(allowed)}, got {s[key]!r}")
     for key in ("num_samples", "grace_period", "min_samples_required", "max_concurrent", "eval_samples",
@@ -255,6 +217,27 @@ def parse_space(data: dict, source: str = "<dict>") -> SearchSpace:
             raise ConfigError(f"{where} search.{key}: must be an integer >= 1, got {v!r}")
     if not isinstance(s["reduction_factor"], (int, float)) or s["reduction_factor"] <= 1:
         raise ConfigError(f"{where} search.reduction_factor: must be > 1, got {s['reduction_factor']!r}")
+    return s
+
+
+def parse_space(data: dict, source: str = "<dict>") -> SearchSpace:
+    """Parses a space mapping (the content of a space file).
+
+    Args:
+        data: tuned config keys (``{key: {distribution: args}}``), plus ``budget:`` and ``search:``.
+        source: its file, for messages.
+    Returns:
+        The :class:`SearchSpace`.
+    Raises:
+        ConfigError: naming the key or setting.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"space {source}: top level must be a mapping of config keys (plus budget:, search:)")
+    where = f"space {source}"
+    budget, search = data.get("budget") or {}, data.get("search") or {}
+    if not isinstance(budget, dict) or not isinstance(search, dict):
+        raise ConfigError(f"{where}: budget: and search: must be mappings")
+    budget, s = _parse_budget(budget, where), _parse_search(search, where)
     params = {}
     for key, spec in data.items():
         if key in ("budget", "search"):
@@ -268,11 +251,19 @@ def parse_space(data: dict, source: str = "<dict>") -> SearchSpace:
         raise ConfigError(f"{where}: segments.n and explicit {CUTS_KEY} choices both decide n; use ordered_cuts")
     if s["algorithm"] in ("optuna", "hyperopt") and any(p.base_dist == "grid" for p in params.values()):
         raise ConfigError(f"{where}: search.algorithm={s['algorithm']} cannot take grid: entries; use choice:")
-    return SearchSpace(params, budget, s, source, raw)
+    return SearchSpace(params, budget, s, source, copy.deepcopy(data))
 
 
 def load_space(path: str | Path | dict | SearchSpace) -> SearchSpace:
-    """Loads and parses a space file (``tune_spaces/*.yaml``); a dict or SearchSpace passes through."""
+    """Loads and parses a space file.
+
+    Args:
+        path: a YAML file (``tune_spaces/*.yaml``), a mapping (parsed) or a :class:`SearchSpace` (as is).
+    Returns:
+        The :class:`SearchSpace`.
+    Raises:
+        ConfigError: a missing file, bad YAML, or a bad space (:func:`parse_space`).
+    """
     if isinstance(path, SearchSpace):
         return path
     if isinstance(path, dict):
@@ -288,133 +279,14 @@ def load_space(path: str | Path | dict | SearchSpace) -> SearchSpace:
     return parse_space(data, str(p))
 
 
-def cut_room(n: int, T: int, low: float, high: float, min_gap: float) -> tuple[int, int, int]:
-    """``(L, g, S)``: first cut position, gap and free room for n-1 cuts (S < 0: infeasible)."""
-    g = max(1, math.ceil(min_gap * T - 1e-9))
-    lo = max(math.ceil(low * T - 1e-9), g)
-    hi = min(math.floor(high * T + 1e-9), T - g)
-    return lo, g, hi - lo - (n - 2) * g
-
-
-def cuts_from_weights(weights, n: int, T: int, low: float = 0.0, high: float = 1.0, min_gap: float = 0.02) -> list[int]:
-    """Boundaries ``[0, b_1, ..., T]`` for n segments from n non-negative weights (see the module docstring).
-
-    Cut i sits at ``L + (i-1)·g + floor(c_i·S)``, ``c_i`` the normalised cumulative sum of the first i
-    weights: strictly increasing, gaps >= g, all cuts inside ``[max(low·T, g), min(high·T, T-g)]``.
-    """
-    if n == 1:
-        return [0, int(T)]
-    lo, g, room = cut_room(n, T, low, high, min_gap)
-    if room < 0:
-        raise ConfigError(f"{CUTS_KEY}: {n - 1} cuts {g} timesteps apart do not fit in [{low}, {high}]·T with "
-                          f"T={T}; widen low/high, lower min_gap or the largest segments.n")
-    w = [max(0.0, float(x)) for x in list(weights)[:n]]
-    if len(w) < n:
-        raise ConfigError(f"{CUTS_KEY}: {n} segments need {n} weights, got {len(w)}")
-    total = sum(w)
-    cum = np.cumsum(w)[:-1] / total if total > 0 else np.arange(1, n) / n
-    return [0, *(lo + i * g + min(room, math.floor(c * room + 1e-9)) for i, c in enumerate(cum)), int(T)]
-
-
-def weights_from_boundaries(boundaries, T: int, max_n: int, low: float = 0.0, high: float = 1.0,
-                            min_gap: float = 0.02) -> list[float]:
-    """Inverse of :func:`cuts_from_weights` (``max_n`` weights, extra ones 0.5): expresses given boundaries as a
-    point of the space (for ``points_to_evaluate``). Boundaries outside the space's room move to its edge."""
-    n = len(boundaries) - 1
-    if n == 1:
-        return [1.0] + [0.5] * (max_n - 1)
-    lo, g, room = cut_room(n, T, low, high, min_gap)
-    d = np.maximum.accumulate(np.clip([b - lo - i * g for i, b in enumerate(boundaries[1:-1])], 0, max(room, 0)))
-    c = d / room if room > 0 else np.zeros(n - 1)
-    w = np.diff(np.concatenate([[0.0], c, [1.0]]))
-    return [float(x) for x in w] + [0.5] * (max_n - n)
-
-
-def to_builtin(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [to_builtin(x) for x in v]
-    if isinstance(v, dict):
-        return {k: to_builtin(x) for k, x in v.items()}
-    return v
-
-
-def resolve_trial_config(base_cfg_dict: dict | Config, sampled: dict, T: int) -> Config:
-    """Turns a Tune sample into a validated Config with explicit ``segments.boundaries``.
+def sample_point(param_space: dict, rng: np.random.Generator) -> dict:
+    """One random point of a Tune ``param_space`` without Tune's machinery.
 
     Args:
-        base_cfg_dict: the base config (dict or Config); its per-trial budget already applied when wanted.
-        sampled: a trial's Tune config: ``{"segments.n": 3, "segments.boundaries[0]": 0.4, ...,
-            "students.width[0]": 0.5, "kd.lambda_feat": 2.0}`` (cut settings under ``"segments.boundaries":
-            {"ordered_cuts": {...}}``, else the defaults); plain values such as ``"segments.boundaries":
-            [0, 300, 1000]`` or ``"students.width": [0.5, 0.25]`` work too.
-        T: the teacher scheduler's ``num_train_timesteps``.
+        param_space: from :meth:`SearchSpace.param_space`; rng: the generator.
     Returns:
-        The validated Config (``segments.n`` = number of boundaries - 1, ``segments.fractions`` None).
-    Raises:
-        ConfigError: a value the config rejects.
+        ``{key: value}`` (grid entries: a random element; constants: copies).
     """
-    from o2mkd_ray.core.segments import Segments
-
-    base = base_cfg_dict.to_dict() if isinstance(base_cfg_dict, Config) else base_cfg_dict
-    data = json.loads(json.dumps(base or {}))
-    plain: dict[str, Any] = {}
-    indexed: dict[str, dict[int, Any]] = defaultdict(dict)
-    cuts = None
-    for key, v in sampled.items():
-        v = to_builtin(v)
-        m = INDEXED_KEY.match(str(key))
-        if m:
-            indexed[m["key"]][int(m["i"])] = v
-        elif key == CUTS_KEY and isinstance(v, dict) and "ordered_cuts" in v:
-            cuts = {**CUTS_DEFAULTS, **(v["ordered_cuts"] or {})}
-        else:
-            plain[key] = v
-    base_cfg = from_dict(data)
-    n0 = base_cfg.segments.n
-    b0 = list(Segments.from_config(base_cfg.segments, T).boundaries)
-    weights = indexed.pop(CUTS_KEY, None)
-    if CUTS_KEY in plain:
-        boundaries = [int(b) for b in plain.pop(CUTS_KEY)]
-        plain.pop("segments.n", None)
-    else:
-        n = int(plain.pop("segments.n", n0))
-        if weights is not None:
-            if any(i not in weights for i in range(n)):
-                raise ConfigError(f"{CUTS_KEY}: {n} segments need weights {CUTS_KEY}[0..{n - 1}]")
-            boundaries = cuts_from_weights([weights[i] for i in range(n)], n, T, **(cuts or CUTS_DEFAULTS))
-        elif n != n0:
-            boundaries = list(Segments.uniform(T, n).boundaries)
-        else:
-            boundaries = b0
-    seg = Segments(boundaries)
-    if seg.num_train_timesteps != T:
-        raise ConfigError(f"{CUTS_KEY}: must end at T={T}, got {boundaries}")
-    data.setdefault("segments", {}).update(n=seg.n, boundaries=list(seg.boundaries), fractions=None)
-    for key, vals in indexed.items():
-        if any(i not in vals for i in range(seg.n)):
-            raise ConfigError(f"{key}: {seg.n} segments need values {key}[0..{seg.n - 1}]")
-        set_dotted(data, key, [vals[i] for i in range(seg.n)])
-    for key, v in plain.items():
-        set_dotted(data, key, v)
-    return from_dict(data)
-
-
-def apply_budget(base: dict | Config, budget: dict) -> dict:
-    """The base config dict with the space's per-trial ``budget`` overrides; ConfigError on a bad value."""
-    data = json.loads(json.dumps(base.to_dict() if isinstance(base, Config) else base))
-    for k, v in budget.items():
-        set_dotted(data, k, v)
-    try:
-        from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"space budget: {e}") from None
-    return data
-
-
-def sample_point(param_space: dict, rng: np.random.Generator) -> dict:
-    """One random point of a Tune ``param_space`` without Tune's machinery (grid entries: a random element)."""
     from ray.tune.search.sample import Domain
 
     out = {}
@@ -429,8 +301,14 @@ def sample_point(param_space: dict, rng: np.random.Generator) -> dict:
 
 
 def check_space(space: SearchSpace, base: dict, T: int, samples: int = 32, seed: int = 0) -> None:
-    """Resolves ``samples`` random points (and every n) against ``base``; raises the first ConfigError, before any
-    Ray work."""
+    """Resolves ``samples`` random points (and every n) against ``base``, before any Ray work.
+
+    Args:
+        space: the parsed space; base: a config dict; T: the teacher's ``num_train_timesteps``.
+        samples, seed: how many random points, drawn with which seed.
+    Raises:
+        ConfigError: the first sample the config rejects, or cuts that cannot fit for some n.
+    """
     base_n = from_dict(base).segments.n
     ns = space.n_values(base_n)
     if space.cuts is not None:
@@ -451,21 +329,20 @@ def check_space(space: SearchSpace, base: dict, T: int, samples: int = 32, seed:
 
 
 def check_students(space: SearchSpace, teacher, base: dict) -> None:
-    """Builds (on the meta device) a student for every width / layers value the space can give; ConfigError when
-    one cannot exist (e.g. a width that leaves a block 0 channels)."""
+    """Builds (on the meta device) a student for every width / layers value the space can give.
+
+    Args:
+        space: the parsed space; teacher: the loaded teacher; base: the config dict trials start from.
+    Raises:
+        ConfigError: a value no student can have (e.g. a width that leaves a block 0 channels).
+    """
     import torch
 
     from o2mkd_ray.core.students import build_student
 
     st = from_dict(base).students
-    vals: dict[str, list] = {}
-    for key in PER_SEGMENT_KEYS:
-        p = space.params.get(key)
-        if p is not None:
-            vals[key] = list(p.args) if p.base_dist in ("choice", "grid") else \
-                list(range(*p.args)) if p.base_dist == "randint" else list(p.args)
-    for key, values in vals.items():
-        for v in values:
+    for key in (k for k in PER_SEGMENT_KEYS if k in space.params):
+        for v in space.params[key].values():
             width = v if key == "students.width" else (st.width if not isinstance(st.width, list) else st.width[0])
             layers = v if key == "students.layers_per_block" else None
             with torch.device("meta"):
@@ -473,14 +350,3 @@ def check_students(space: SearchSpace, teacher, base: dict) -> None:
                     build_student(teacher, width, layers, st.unet, "scratch")
                 except ConfigError as e:
                     raise ConfigError(f"space {space.source} {key}: value {v!r}: {e}") from None
-
-
-def flatten_keys(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v and key not in ("students.unet", "ray.segment_overrides", "debug"):
-            out.update(flatten_keys(v, key))
-        else:
-            out[key] = v
-    return out

@@ -1,11 +1,13 @@
-"""One Tune trial: a whole O2MKD run with sampled boundaries and widths; its objective and cost; clean-up of
-its Train controllers when a scheduler stops it.
+"""One Tune trial: a whole O2MKD run with sampled boundaries and widths, its objective and cost.
+
+When a scheduler stops the trial, the trainable's clean-up (:mod:`o2mkd_ray.tune.stopping`) aborts its Train
+controllers; the trial shares its :class:`~o2mkd_ray.tune.stopping.TrialState` with that clean-up.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -15,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from o2mkd_ray.config.schema import Config
-from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.errors import ConfigError
-from o2mkd_ray.tune.space import resolve_trial_config
+from o2mkd_ray.tune.resolve import resolve_trial_config
+from o2mkd_ray.tune.stopping import TRIAL_START_TIMEOUT_S, StopTrainersOnCleanup, TrialState
 
 log = logging.getLogger(__name__)
 
@@ -137,221 +139,131 @@ class TrialProgress:
                      **self.extra})
 
 
-STOP_TIMEOUT_S = 30.0  # cleanup's wait for the aborted controllers, on top of the worker-group start-up timeout
-
-
-TRIAL_START_TIMEOUT_S = "15"
-
-
-_STOP_FILE = "stopped_trainers.json"  # written into the trial's folder by a cleanup that found live trainers
-
-
-_ACTIVE: dict = {}  # in a trial's process: the running trial's registry actor, teacher names, folder, flags
-
-
-class _ControllerRegistry:
-    """Ray actor (0 CPU, one per trial): the trial's live Train controllers, ``actor_id -> handle``."""
-
-    def __init__(self):
-        self.handles: dict = {}
-        self.stop_requested = False
-
-    def request_stop(self) -> None:
-        self.stop_requested = True
-
-    def stopping(self) -> bool:
-        return self.stop_requested
-
-    def add(self, actor_id: str, handle) -> None:
-        self.handles[actor_id] = handle
-
-    def remove(self, actor_id: str) -> None:
-        self.handles.pop(actor_id, None)  # a finished run: drop the handle so that the controller can exit
-
-    def get(self) -> dict:
-        return dict(self.handles)
-
-
-@functools.cache
-def _register_controller_cls():
-    """A Train V2 ``ControllerCallback`` (defined lazily: Ray Train is heavy to import) that adds its controller
-    to the trial's :class:`_ControllerRegistry` at start and removes it when the run finishes."""
-    import ray
-
-    from o2mkd_ray.engine.ray_compat import controller_callback_base
-
-    class RegisterController(controller_callback_base()):
-        def __init__(self, registry):
-            self.registry = registry
-
-        def after_controller_start(self, train_run_context) -> None:
-            ctx = ray.get_runtime_context()
-            try:
-                ray.get(self.registry.add.remote(ctx.get_actor_id(), ctx.current_actor), timeout=30)
-            except Exception as e:  # noqa: BLE001 - registration must never fail training
-                log.warning("could not register the Train controller with the trial: %s", e)
-
-        def before_controller_execute_resize_decision(self, resize_decision) -> None:
-            # Runs in the control loop before each attempt to start the worker group. A controller whose group is
-            # still waiting for CPUs never yields to an abort() call (that loop has no await), but its wait times
-            # out, removing the pending group, and comes back here: a stopped trial ends the run instead.
-            try:
-                stop = ray.get(self.registry.stopping.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - registry gone: the trial is gone
-                stop = True
-            if stop:
-                raise RuntimeError("the Tune trial was stopped: not starting the worker group")
-
-        def after_controller_finish(self, result) -> None:
-            try:
-                ray.get(self.registry.remove.remote(ray.get_runtime_context().get_actor_id()), timeout=30)
-            except Exception:  # noqa: BLE001
-                pass
-
-    return RegisterController
-
-
-def start_trial_registry(out: Path, teacher_names: list[str]) -> list:
-    """In a trial: a controller registry; returns the Train callbacks that hook it into every segment trainer."""
-    import ray
-
-    registry = ray.remote(num_cpus=0)(_ControllerRegistry).remote()
-    _ACTIVE.clear()
-    _ACTIVE.update(registry=registry, teachers=teacher_names, out=out, stopping=False)
-    return [_register_controller_cls()(registry)]
-
-
-def stop_trial_trainers(timeout_s: float | None = None) -> dict:
-    """Aborts the running trial's Train controllers and waits (bounded) until they are gone, then kills its
-    teacher actors and the registry. Runs in the trial's process (the trainable's cleanup); returns counts."""
-    import time
-
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
-
-    if not _ACTIVE:
-        return {}
-    _ACTIVE["stopping"] = True
-    registry = _ACTIVE.get("registry")
-    if timeout_s is None:
-        timeout_s = STOP_TIMEOUT_S + float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
-    deadline = time.monotonic() + timeout_s
-    done: dict[str, str] = {}
-    if registry is not None:
-        try:
-            ray.get(registry.request_stop.remote(), timeout=10)
-        except Exception as e:  # noqa: BLE001
-            log.warning("trial cleanup: cannot reach the controller registry: %s", e)
-    while registry is not None and time.monotonic() < deadline:
-        try:
-            live = ray.get(registry.get.remote(), timeout=10)
-        except Exception as e:  # noqa: BLE001
-            log.warning("trial cleanup: cannot read the controller registry: %s", e)
-            break
-        new = {i: h for i, h in live.items() if i not in done}
-        if not new:
-            break
-        refs = {i: h.abort.remote() for i, h in new.items()}
-        for i, ref in refs.items():
-            try:
-                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-                done[i] = "ended"  # the run had ended (finished, or gave up starting: see RegisterController)
-            except RayActorError:
-                done[i] = "aborted"  # the controller removed its worker group, then exited
-            except GetTimeoutError:
-                done[i] = "timeout"
-                log.warning("trial cleanup: Train controller %s did not stop within %.0f s", i, timeout_s)
-            except Exception as e:  # noqa: BLE001
-                done[i] = "error"
-                log.warning("trial cleanup: aborting Train controller %s failed: %s", i, e)
-            if done[i] != "aborted":
-                try:
-                    ray.kill(new[i], no_restart=True)
-                except Exception:  # noqa: BLE001
-                    pass
-    for name in _ACTIVE.get("teachers", []):
-        try:
-            ray.kill(ray.get_actor(name), no_restart=True)
-        except Exception:  # noqa: BLE001 - not started or already gone
-            pass
-    if registry is not None:
-        try:
-            ray.kill(registry, no_restart=True)
-        except Exception:  # noqa: BLE001
-            pass
-    counts = {s: list(done.values()).count(s) for s in ("aborted", "ended", "timeout", "error")}
-    if done and _ACTIVE.get("out") is not None:
-        try:
-            Path(_ACTIVE["out"]).mkdir(parents=True, exist_ok=True)
-            write_json(Path(_ACTIVE["out"]) / _STOP_FILE, counts, indent=None)
-        except OSError:
-            pass
-    _ACTIVE.clear()
-    return counts
-
-
-class _StopTrainersOnCleanup:
-    """Mixin for :func:`run_trial`'s FunctionTrainable (``run_trial.__mixins__``): stops the trial's trainers in
-    ``cleanup()``, which Tune runs (via ``stop()``) before it removes the trial's placement group."""
-
-    def cleanup(self):
-        try:
-            stop_trial_trainers()
-        except Exception as e:  # noqa: BLE001 - never keep Tune from stopping the trial
-            log.warning("trial cleanup failed: %s", e)
-        finally:
-            super().cleanup()
-
-
 def default_tracker(tracking_uri: str | None, cfg: Config, parent_run_id: str | None):
+    """The default ``tracker_factory`` of :func:`o2mkd_ray.tune.search.run_tuning` (bound to a tracking URI).
+
+    Returns:
+        An unstarted :class:`o2mkd_ray.tracking.tracker.RunTracker` nested under ``parent_run_id``.
+    """
     from o2mkd_ray.tracking.tracker import RunTracker
 
     return RunTracker(tracking_uri, parent_run_id=parent_run_id)
 
 
-def run_trial(config: dict, ctx: dict) -> None:
-    """Tune function trainable: one whole O2MKD run (all its segments' TorchTrainers) for one sampled config."""
-    from ray import tune
+@dataclasses.dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a search gets (through ``tune.with_parameters``) besides its sample.
 
-    from o2mkd_ray.core.teacher import load_teacher, sample_shape
-    from o2mkd_ray.engine.driver import run_distillation, teacher_run_id
-    from o2mkd_ray.engine.teacher_service import actor_names
+    ``base``: the config dict trials start from; ``constants``: entries merged into every sample; ``T``: the
+    teacher's timesteps; ``trials_dir``, ``tune_dir``: ``OUT/tune/trials`` and ``OUT/tune``; ``cwd``: the
+    caller's working directory; ``search``: the space's ``search:`` settings; ``tracker_factory``,
+    ``parent_run_id``: MLflow (None: off); ``preflight``: whether trials run the engine's pre-flight even in a
+    new folder (the space tunes keys only it checks).
+    """
 
-    os.chdir(ctx["cwd"])  # Tune starts trials in their own folder; relative paths in the config mean the caller's
-    trial_id = tune.get_context().get_trial_id()
-    out = Path(ctx["trials_dir"]) / trial_id
-    cfg = resolve_trial_config(ctx["base"], {**ctx["constants"], **config}, ctx["T"])
+    base: dict
+    constants: dict
+    T: int
+    trials_dir: str
+    tune_dir: str
+    cwd: str
+    search: dict
+    tracker_factory: Callable | None = None
+    parent_run_id: str | None = None
+    preflight: bool = False
+
+
+def trial_config(ctx: TrialContext, config: dict, trial_id: str) -> Config:
+    """A trial's Config: its sample on the search's base, with what every trial changes.
+
+    Args:
+        ctx: the search's context; config: the trial's Tune sample; trial_id: its id.
+    Returns:
+        The config ``run_distillation`` gets.
+    """
+    cfg = resolve_trial_config(ctx.base, {**ctx.constants, **config}, ctx.T)
     cfg.name = f"{cfg.name}-{trial_id}"
     cfg.eval.enabled = False  # the trial computes its own objective; no FID/latency pass per trial
     cfg.mlflow.log_pipeline = False  # a pyfunc model per trial would be heavy; best.yaml is the product
     cfg.ray.max_failures = 0  # no Train retries in a trial: a retry racing a stop leaks a placement group
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", TRIAL_START_TIMEOUT_S)  # bounds cleanup's wait
     if cfg.ray.storage_path:  # trials must not share seg-KK trainer folders
         cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/tune-trials/{trial_id}"
+    return cfg
+
+
+def teacher_actor_names(cfg: Config, out: Path) -> list[str]:
+    """The names of the teacher actors ``run_distillation`` starts for ``out`` (none unless ``teacher.mode`` is
+    ``actor``)."""
+    from o2mkd_ray.engine.driver import teacher_run_id
+    from o2mkd_ray.engine.teacher_service import actor_names
+
+    return actor_names(teacher_run_id(out), cfg.teacher.replicas) if cfg.teacher.mode == "actor" else []
+
+
+def start_trial_tracker(ctx: TrialContext, cfg: Config, out: Path, trial_id: str):
+    """The trial's MLflow run, started and nested under the search's; None without tracking."""
+    if ctx.tracker_factory is None:
+        return None
+    tracker = ctx.tracker_factory(cfg, ctx.parent_run_id)
+    tracker.start(cfg, out, tags={"o2mkd.kind": "tune-trial", "o2mkd.trial_id": trial_id,
+                                  "o2mkd.tune_out": ctx.tune_dir})
+    return tracker
+
+
+def skip_preflight(ctx: TrialContext, out: Path) -> bool:
+    """Whether a trial may skip the engine's pre-flight (``run_distillation(checked=True)``).
+
+    The search ran it on the base and budgeted configs and a trial checks its own segments and students, so it
+    may when the space tunes nothing else the pre-flight checks and ``out`` is new (nothing there to check; a
+    resumed trial's folder is checked again).
+
+    Args:
+        ctx: the search's context; out: the trial's run folder.
+    Returns:
+        True to pass ``checked=True``.
+    """
+    return not ctx.preflight and not out.exists()
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """Tune function trainable: one whole O2MKD run (all its segments' TorchTrainers) for one sampled config.
+
+    Args:
+        config: the trial's Tune sample; ctx: the search's :class:`TrialContext`.
+    """
+    from ray import tune
+
+    from o2mkd_ray.core.teacher import load_teacher, sample_shape
+    from o2mkd_ray.engine.driver import run_distillation
+
+    os.chdir(ctx.cwd)  # Tune starts trials in their own folder; relative paths in the config mean the caller's
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", TRIAL_START_TIMEOUT_S)  # bounds cleanup's wait
+    trial_id = tune.get_context().get_trial_id()
+    out = Path(ctx.trials_dir) / trial_id
+    checked = skip_preflight(ctx, out)  # before anything creates out
+    cfg = trial_config(ctx, config, trial_id)
+    state = TrialState.open(trial_id)  # the trainable's own (StopTrainersOnCleanup.setup), found by the trial id
+    state.record(out, teacher_actor_names(cfg, out))
+    if state.stopping():
+        return  # stopped before it started
     teacher, scheduler = load_teacher(cfg.teacher)
     shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
     cost = sampling_cost(cfg, teacher, shape)
-    tracker = None
-    if ctx["tracker_factory"] is not None:
-        tracker = ctx["tracker_factory"](cfg, ctx["parent_run_id"])
-        tracker.start(cfg, out, tags={"o2mkd.kind": "tune-trial", "o2mkd.trial_id": trial_id,
-                                      "o2mkd.tune_out": ctx["tune_dir"]})
+    tracker = start_trial_tracker(ctx, cfg, out, trial_id)
     extra = {"cost": cost["cost"], "n": cfg.segments.n, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
     progress = TrialProgress(cfg.segments.n, cfg.train.steps, extra, tune.report)
-    s = ctx["search"]
-    teachers = actor_names(teacher_run_id(out), cfg.teacher.replicas) if cfg.teacher.mode == "actor" else []
-    callbacks = start_trial_registry(out, teachers)
+    s = ctx.search
     try:
         report = run_distillation(cfg, out, progress=False, on_progress=progress, tracker=tracker,
-                                  train_callbacks=callbacks)
+                                  train_callbacks=state.train_callbacks(), checked=checked)
         obj = objective_value(cfg, out, s["objective"], teacher, scheduler, s["eval_samples"], s["eval_images"],
                               s["eval_steps"])
     except BaseException:
-        stopping = _ACTIVE.get("stopping", True)  # cleared by the cleanup: stopped by Tune too
+        stopping = state.stopping()  # set by the cleanup: stopped by Tune, the trainers aborted on purpose
         if tracker is not None:
             tracker.finish("KILLED" if stopping else "FAILED")
         if stopping:
-            return  # stopped by the scheduler: the trainers were aborted on purpose
+            return
         raise
     real_cost = float(report["macs_ratio_per_step"])  # report.json's run-weighted ratio, on the trained students
     vals = [x.get("val_loss") for x in report["segments"] if x.get("val_loss") is not None]
@@ -362,3 +274,19 @@ def run_trial(config: dict, ctx: dict) -> None:
         tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float)) and k != "final"})
         tracker.finish("FINISHED")
     tune.report(final)
+
+
+run_trial.__mixins__ = (StopTrainersOnCleanup,)  # wrap_function builds the trial's FunctionTrainable with it
+
+
+def trial_trainable(ctx: TrialContext, trial_cfg: Config):
+    """What the Tuner runs: :func:`run_trial` with the search's context and a trial's resources.
+
+    Args:
+        ctx: the search's context; trial_cfg: the config trials start from (:func:`trial_resources`).
+    Returns:
+        The function trainable (``tune.with_parameters`` keeps ``__mixins__``, so its cleanup stops the trainers).
+    """
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(trial_cfg))

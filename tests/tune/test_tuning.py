@@ -40,7 +40,8 @@ def _assert_valid(b, n, T=T):
 
 def test_any_sample_resolves_to_a_valid_config(tiny_overrides):
     from o2mkd_ray.core.segments import Segments
-    from o2mkd_ray.tune.space import apply_budget, parse_space, resolve_trial_config, sample_point
+    from o2mkd_ray.tune.resolve import apply_budget, resolve_trial_config
+    from o2mkd_ray.tune.space import parse_space, sample_point
 
     sp = parse_space(SPACE)
     base = apply_budget(_base(tiny_overrides), sp.budget)
@@ -70,7 +71,7 @@ def test_any_sample_resolves_to_a_valid_config(tiny_overrides):
        min_gap=st.floats(0, 0.2), data=st.data())
 def test_cuts_from_weights_always_valid_and_invertible(n, T, low, span, min_gap, data):
     from o2mkd_ray.errors import ConfigError
-    from o2mkd_ray.tune.space import cut_room, cuts_from_weights, weights_from_boundaries
+    from o2mkd_ray.tune.cuts import cut_room, cuts_from_weights, weights_from_boundaries
 
     high = min(1.0, low + span)
     weights = data.draw(st.lists(st.floats(0, 1), min_size=n, max_size=n))
@@ -90,7 +91,7 @@ def test_cuts_from_weights_always_valid_and_invertible(n, T, low, span, min_gap,
 
 
 def test_explicit_values_and_uniform_defaults(tiny_overrides):
-    from o2mkd_ray.tune.space import resolve_trial_config
+    from o2mkd_ray.tune.resolve import resolve_trial_config
 
     base = _base(tiny_overrides)
     cfg = resolve_trial_config(base, {"segments.boundaries": [0, 100, 1000], "students.width": [0.5, 1.0]}, T)
@@ -101,7 +102,8 @@ def test_explicit_values_and_uniform_defaults(tiny_overrides):
 
 
 def test_shipped_spaces_parse_and_resolve(tiny_overrides):
-    from o2mkd_ray.tune.space import apply_budget, check_space, load_space
+    from o2mkd_ray.tune.resolve import apply_budget
+    from o2mkd_ray.tune.space import check_space, load_space
 
     for name in ("boundaries_widths.yaml", "kd_weights.yaml"):
         sp = load_space(ROOT / "tune_spaces" / name)
@@ -149,7 +151,8 @@ def test_bad_spaces_raise_config_error(space, match):
 
 def test_bad_space_files_and_infeasible_samples(tiny_overrides, tmp_path):
     from o2mkd_ray.errors import ConfigError
-    from o2mkd_ray.tune.space import apply_budget, check_space, load_space, parse_space
+    from o2mkd_ray.tune.resolve import apply_budget
+    from o2mkd_ray.tune.space import check_space, load_space, parse_space
 
     with pytest.raises(ConfigError, match="does not exist"):
         load_space(tmp_path / "nope.yaml")
@@ -169,12 +172,13 @@ def test_bad_space_files_and_infeasible_samples(tiny_overrides, tmp_path):
 
 
 def test_unbuildable_student_widths_fail_before_ray(tiny_overrides):
+    from o2mkd_ray.config.loading import from_dict
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.errors import ConfigError
     from o2mkd_ray.tune.space import check_students, parse_space
 
     base = _base(tiny_overrides)
-    teacher, _ = load_teacher(__import__("o2mkd_ray.config").from_dict(base).teacher)
+    teacher, _ = load_teacher(from_dict(base).teacher)
     check_students(parse_space({"students.width": {"per_segment_choice": [0.5, 1.0]}}), teacher, base)
     with pytest.raises(ConfigError, match="0 channels"):  # 4 channels x 0.1 rounds to 0
         check_students(parse_space({"students.width": {"per_segment_choice": [0.5, 0.1]}}), teacher, base)
@@ -226,8 +230,9 @@ def test_seed_points_express_the_analysis_proposal(tiny_overrides):
     from o2mkd_ray.config.loading import from_dict
     from o2mkd_ray.core.segments import Segments
     from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries
+    from o2mkd_ray.tune.resolve import resolve_trial_config
     from o2mkd_ray.tune.search import seed_points
-    from o2mkd_ray.tune.space import parse_space, resolve_trial_config
+    from o2mkd_ray.tune.space import parse_space
 
     sp = parse_space({"segments.n": {"choice": [2, 3]},
                       "segments.boundaries": {"ordered_cuts": {"low": 0.0, "high": 1.0, "min_gap": 0.001}},
@@ -251,8 +256,9 @@ def test_seed_points_are_complete_for_optuna_and_hyperopt(tiny_overrides):
 
     from o2mkd_ray.config.loading import from_dict
     from o2mkd_ray.tune.analysis import feature_stats
+    from o2mkd_ray.tune.resolve import resolve_trial_config
     from o2mkd_ray.tune.search import seed_points
-    from o2mkd_ray.tune.space import parse_space, resolve_trial_config
+    from o2mkd_ray.tune.space import parse_space
 
     base = _base(tiny_overrides, "kd.lambda_feat=0.05", "students.width=0.5")
     cfg = from_dict(base)
@@ -321,7 +327,8 @@ def test_results_table_best_yaml_and_max_cost(tiny_overrides, tmp_path):
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.errors import ConfigError
     from o2mkd_ray.tune.report import results_frame, write_outputs
-    from o2mkd_ray.tune.space import apply_budget, parse_space, sample_point
+    from o2mkd_ray.tune.resolve import apply_budget
+    from o2mkd_ray.tune.space import parse_space, sample_point
 
     sp = parse_space({**SPACE, "segments.n": {"choice": [2, 3]}})
     base = _base(tiny_overrides)
@@ -396,17 +403,26 @@ def test_objective_and_cost_on_a_built_pipeline(tiny_overrides, tmp_path):
 # one real Tune run
 
 
+def _ray_address() -> str:
+    """This test's Ray cluster, for the state API (which otherwise looks for one and fails when other local
+    clusters run beside it)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_trial_tune_run_writes_results_pareto_and_runnable_best(ray_local, tiny_overrides, tmp_path):
     import mlflow
-    from o2mkd_ray.main import main
 
+    from o2mkd_ray.cli.main import main
     from o2mkd_ray.config.loading import load_config
     from o2mkd_ray.errors import ConfigError
     from o2mkd_ray.tune.analysis import propose_boundaries
+    from o2mkd_ray.tune.resolve import apply_budget, resolve_trial_config
     from o2mkd_ray.tune.search import run_tuning
-    from o2mkd_ray.tune.space import apply_budget, load_space, resolve_trial_config
+    from o2mkd_ray.tune.space import load_space
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
@@ -524,16 +540,37 @@ def test_asha_stopped_trials_release_all_cluster_resources(ray_local, tiny_overr
     total = ray.cluster_resources()["CPU"]
     deadline, state = time.time() + 30, None
     while time.time() < deadline:
-        pgs = [(p.placement_group_id, p.state) for p in list_placement_groups(limit=1000)
+        pgs = [(p.placement_group_id, p.state) for p in list_placement_groups(address=_ray_address(), limit=1000)
                if p.state in ("CREATED", "PENDING", "RESCHEDULING")]
-        actors = [(a.class_name, a.name) for a in list_actors(limit=1000) if a.state != "DEAD"
-                  and (a.class_name in ("TrainController", "RayTrainWorker", "_Server", "_ControllerRegistry")
+        actors = [(a.class_name, a.name) for a in list_actors(address=_ray_address(), limit=1000) if a.state != "DEAD"
+                  and (a.class_name in ("TrainController", "RayTrainWorker", "_Server", "TrialRegistry")
                        or (a.name or "").startswith("o2mkd-teacher-"))]
         state = (ray.available_resources().get("CPU", 0.0), pgs, actors)
         if abs(state[0] - total) < 1e-6 and not pgs and not actors:
             break
         time.sleep(1)
     assert abs(state[0] - total) < 1e-6 and not state[1] and not state[2], (total, state)
+
+
+def _trainable_stub() -> type:
+    """The part of Tune's trainable that the clean-up mixin relies on: a trial id, ``setup()`` when it is made,
+    a cleanup to chain to. (Made in a function so that Ray ships the class by value: the tests are no module on
+    Ray's workers.)"""
+
+    class Trainable:
+        cleaned = False
+
+        def __init__(self, trial_id: str):
+            self.trial_id = trial_id
+            self.setup({})
+
+        def setup(self, config):
+            pass
+
+        def cleanup(self):
+            self.cleaned = True
+
+    return Trainable
 
 
 def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
@@ -546,8 +583,13 @@ def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.state import list_placement_groups
 
+    from o2mkd_ray.tune.stopping import StopTrainersOnCleanup
+
     @ray.remote(num_cpus=0)
-    class Trial:  # stands in for a Tune trial's actor: starts a trainer in a thread, then is stopped and killed
+    class Trial(StopTrainersOnCleanup, _trainable_stub()):
+        """Stands in for a Tune trial's actor: the trial function starts a trainer in a thread, then Tune stops the
+        trial (``stop()`` runs the mixin's ``cleanup()``) and kills the actor."""
+
         def start(self, storage: str) -> None:
             import os
             import threading
@@ -557,13 +599,14 @@ def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
             from ray.train import RunConfig, ScalingConfig
             from ray.train.torch import TorchTrainer
 
-            from o2mkd_ray.tune.trial import start_trial_registry
+            from o2mkd_ray.tune.stopping import TrialState
 
-            callbacks = start_trial_registry(Path(storage), [])
+            state = TrialState.open(self.trial_id)  # as the trial function finds it
+            state.record(Path(storage) / "trial", [])
             trainer = TorchTrainer(lambda: None,
                                    scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.5}),
                                    run_config=RunConfig(name="pending", storage_path=storage,
-                                                        callbacks=callbacks))
+                                                        callbacks=state.train_callbacks()))
             threading.Thread(target=lambda: self._fit(trainer), daemon=True).start()
 
         def _fit(self, trainer):
@@ -573,29 +616,32 @@ def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
                 pass
 
         def registered(self) -> int:
-            from o2mkd_ray.tune.trial import _ACTIVE
+            from o2mkd_ray.tune.stopping import TrialState
 
-            return len(ray.get(_ACTIVE["registry"].get.remote()))
+            return len(ray.get(TrialState.open(self.trial_id).registry.get.remote()))
 
-        def stop(self) -> dict:
-            from o2mkd_ray.tune.trial import stop_trial_trainers
+        def stop(self) -> tuple[bool, bool]:
+            from o2mkd_ray.tune.stopping import TrialState
 
-            return stop_trial_trainers(timeout_s=60)
+            self.cleanup()
+            return self.cleaned, TrialState.open(self.trial_id).stopping()
 
     def live_pgs():
-        return [p.placement_group_id for p in list_placement_groups(limit=1000)
+        return [p.placement_group_id for p in list_placement_groups(address=_ray_address(), limit=1000)
                 if p.state in ("CREATED", "PENDING", "RESCHEDULING")]
 
     total = ray.cluster_resources()["CPU"]
     hog = placement_group([{"CPU": 1.0}])  # leaves 1 CPU: the trainer's 1.5-CPU worker group stays pending
     ray.get(hog.ready(), timeout=60)
-    trial = Trial.remote()
+    trial = Trial.remote("t-pending")
     ray.get(trial.start.remote(str(tmp_path)))
     deadline = time.time() + 60
     while time.time() < deadline and not (ray.get(trial.registered.remote()) == 1 and len(live_pgs()) >= 2):
         time.sleep(0.5)
     assert len(live_pgs()) >= 2, live_pgs()  # the hog and the pending worker group
-    counts = ray.get(trial.stop.remote(), timeout=120)
+    cleaned, stopping = ray.get(trial.stop.remote(), timeout=120)
+    assert cleaned and stopping  # the mixin chained to the trainable's own cleanup; the trial is flagged stopping
+    counts = json.loads((tmp_path / "trial" / "stopped_trainers.json").read_text())
     assert counts["timeout"] == counts["error"] == 0 and counts["aborted"] + counts["ended"] == 1, counts
     ray.kill(trial)  # as Tune removes a stopped trial's placement group
     remove_placement_group(hog)
@@ -608,3 +654,110 @@ def test_stopping_a_trial_removes_its_pending_worker_group(ray_local, tmp_path):
     time.sleep(3)  # a leaked group would be placed right after the hog went
     state = (ray.available_resources().get("CPU", 0.0), live_pgs())
     assert abs(state[0] - total) < 1e-6 and not state[1], (total, state)
+
+
+def test_trial_state_is_shared_by_trial_id_and_a_stop_before_the_start_holds(ray_local, tmp_path):
+    """The trainable owns the trial's state from its setup; the trial function finds it by the trial id and
+    records what the cleanup needs (here: its teacher actor, which the cleanup then kills). A cleanup that runs
+    before the trial function got going leaves the trial flagged as stopping, so that it starts no trainer."""
+    import ray
+
+    from o2mkd_ray.tune.stopping import StopTrainersOnCleanup
+
+    @ray.remote(num_cpus=0)
+    class Trial(StopTrainersOnCleanup, _trainable_stub()):
+        def trial_function(self, out: str | None, teachers: list[str]) -> bool:
+            # what run_trial does with the state, as a thread of the same actor
+            from o2mkd_ray.tune.stopping import TrialState
+
+            state = TrialState.open(self.trial_id)
+            if out is not None:
+                state.record(out, teachers)
+            return state.stopping()
+
+        def stop(self) -> bool:
+            self.cleanup()
+            return self.cleaned
+
+    @ray.remote(num_cpus=0)
+    class Teacher:
+        def ping(self) -> bool:
+            return True
+
+    teacher = Teacher.options(name="o2mkd-teacher-t-shared-0").remote()
+    assert ray.get(teacher.ping.remote())
+    trial = Trial.remote("t-shared")
+    assert ray.get(trial.trial_function.remote(str(tmp_path / "a"), ["o2mkd-teacher-t-shared-0"])) is False
+    assert ray.get(trial.stop.remote())
+    with pytest.raises(ray.exceptions.RayActorError):  # the cleanup found the teacher the trial function recorded
+        ray.get(teacher.ping.remote(), timeout=60)
+    assert ray.get(trial.trial_function.remote(None, []))  # and the trial is flagged as stopping
+    assert not (tmp_path / "a").exists()  # no trainer was running: nothing to write
+
+    early = Trial.remote("t-early")
+    assert ray.get(early.stop.remote())  # stopped before the trial function started
+    assert ray.get(early.trial_function.remote(str(tmp_path / "b"), [])) is True
+    for a in (trial, early):
+        ray.kill(a)
+
+
+def test_the_trial_trainable_stops_its_trainers_on_cleanup():
+    """The trainable Tune builds from the search's trial function carries the clean-up mixin (through
+    ``tune.with_parameters``), so a stopped trial aborts its trainers."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from o2mkd_ray.config.schema import Config
+    from o2mkd_ray.tune.stopping import StopTrainersOnCleanup
+    from o2mkd_ray.tune.trial import TrialContext, trial_trainable
+
+    ctx = TrialContext(base={}, constants={}, T=T, trials_dir="t", tune_dir="d", cwd=".", search={})
+    cls = wrap_function(trial_trainable(ctx, Config()))
+    assert issubclass(cls, StopTrainersOnCleanup)
+    assert cls.cleanup.__qualname__ == "StopTrainersOnCleanup.cleanup"
+
+
+def test_trials_skip_the_engine_preflight_only_when_the_search_checked_everything(tiny_overrides, tmp_path):
+    """The search runs the engine's pre-flight once; a trial runs it again only in an existing folder (a resumed
+    trial) or when the space tunes a key that only the pre-flight checks."""
+    import dataclasses
+
+    from o2mkd_ray.config.loading import from_dict
+    from o2mkd_ray.errors import ConfigError
+    from o2mkd_ray.tune.plan import trials_need_preflight
+    from o2mkd_ray.tune.space import parse_space
+    from o2mkd_ray.tune.trial import TrialContext, skip_preflight
+
+    def needs(space: dict) -> bool:
+        return trials_need_preflight(parse_space(space))
+
+    assert not needs(SPACE)  # segments, widths and KD weights: checked by the search and the trial itself
+    assert not needs({"students.layers_per_block": {"per_segment_randint": [1, 3]}})
+    assert needs({"kd.feature_method": {"choice": ["fitnet", "attention"]}})
+    assert needs({"students.drop_mid_block": {"choice": [True, False]}})
+    assert needs({"data.resolution": {"choice": [8, 16]}})
+    ctx = TrialContext(base={}, constants={}, T=T, trials_dir=str(tmp_path), tune_dir="d", cwd=".", search={})
+    assert skip_preflight(ctx, tmp_path / "new")
+    (tmp_path / "old").mkdir()
+    assert not skip_preflight(ctx, tmp_path / "old")
+    assert not skip_preflight(dataclasses.replace(ctx, preflight=True), tmp_path / "new")
+
+    # the search's own pre-flight covers what trials then skip: e.g. a budget the engine would reject
+    from o2mkd_ray.tune.search import run_tuning
+
+    cfg = from_dict(_base(tiny_overrides))
+    with pytest.raises(ConfigError, match="kd.feature_method: unknown 'nope'"):
+        run_tuning(cfg, {**SPACE, "budget": {"kd.feature_method": "nope"}}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_leaves_keep_mapping_valued_keys_whole():
+    """The tuned keys' values come from config_leaves, not tracking's flatten: a space may tune a mapping-valued
+    config key (``students.unet``, ``debug``), and its row and best.yaml need the whole mapping."""
+    from o2mkd_ray.tracking.redaction import flatten
+    from o2mkd_ray.tune.resolve import config_leaves
+
+    d = {"students": {"width": 0.5, "unet": {"block_out_channels": [4, 8]}}, "debug": {}, "kd": {"lambda_feat": 1}}
+    assert config_leaves(d) == {"students.width": 0.5, "students.unet": {"block_out_channels": [4, 8]},
+                                "debug": {}, "kd.lambda_feat": 1}
+    assert "students.unet" not in flatten(d)  # the twin that is not one
+    assert config_leaves({"train": {"stepz": 3}}) == {"train.stepz": 3}  # unknown keys stay, to be named in errors
