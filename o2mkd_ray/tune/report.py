@@ -195,6 +195,10 @@ class _ConfigDumper(yaml.SafeDumper):
     """Block-style sections, flow-style lists of scalars (``boundaries: [0, 333, 1000]``), like pipelines/*.yaml."""
 
 
+_ConfigDumper.add_representer(list, lambda d, v: d.represent_sequence(
+    "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, (list, dict)) for x in v)))
+
+
 def dump_config_yaml(data: dict) -> str:
     """A config dict as YAML in the style of ``pipelines/*.yaml``."""
     return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=110)

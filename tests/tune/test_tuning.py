@@ -392,7 +392,8 @@ def test_objective_and_cost_on_a_built_pipeline(tiny_overrides, tmp_path):
         cost = sampling_cost(cfg, teacher, (1, 8, 8))
         real = [costs(s, (1, 8, 8))["macs"] for s in students]  # what report.json counts, on real weights
         assert cost["macs"] == real and cost["teacher_macs"] == costs(teacher, (1, 8, 8))["macs"]
-        assert cost["cost"] == pytest.approx((400 * real[0] + 600 * real[1]) / (T * cost["teacher_macs"]))
+        assert cost["steps_per_student"] == [2, 2]  # tiny: DDIM 4 steps 750, 500 -> student 1; 250, 0 -> student 0
+        assert cost["cost"] == pytest.approx((2 * real[0] + 2 * real[1]) / (4 * cost["teacher_macs"]))
         if exact:
             assert agree["quality"] < 1e-10 and fid["quality"] < 1e-10 and cost["cost"] == 1.0
         else:
@@ -761,3 +762,17 @@ def test_config_leaves_keep_mapping_valued_keys_whole():
                                 "debug": {}, "kd.lambda_feat": 1}
     assert "students.unet" not in flatten(d)  # the twin that is not one
     assert config_leaves({"train": {"stepz": 3}}) == {"train.stepz": 3}  # unknown keys stay, to be named in errors
+
+
+def test_best_yaml_is_written_in_the_style_of_the_shipped_configs():
+    """Sections as blocks, lists of numbers inline (``boundaries: [0, 150, 1000]``), as in pipelines/*.yaml, and the
+    dump loads back to the same data."""
+    import yaml
+
+    from o2mkd_ray.tune.report import dump_config_yaml
+
+    data = {"segments": {"n": 2, "boundaries": [0, 150, 1000]}, "students": {"width": [0.5, 1.0],
+                                                                          "unet": {"block_out_channels": [4, 8]}}}
+    text = dump_config_yaml(data)
+    assert "boundaries: [0, 150, 1000]" in text and "width: [0.5, 1.0]" in text and "segments:\n" in text
+    assert yaml.safe_load(text) == data
