@@ -1,27 +1,20 @@
-"""Orchestration cost: the same O2MKD distillation as a plain in-process loop and through the Ray engine.
+"""Orchestration cost: the same O2MKD distillation through the local loop and through the Ray engine, and the cost
+of the live-metrics stream.
 
-What it measures: one config (default ``pipelines/digits.yaml``: the embedded digits teacher, N=3 students of
-width 0.5; ``--steps`` steps per segment) run twice in this process,
+Headline: the END-TO-END wall time of the same work (default ``pipelines/digits.yaml``: the embedded digits teacher,
+N=3 students of width 0.5, ``--steps`` steps per segment, no evaluation, no MLflow), local engine vs Ray engine,
+``--reps`` interleaved repetitions (local, ray, then ray, local, ...) in one run, medians. Ray's own time is
+reported per phase (``report.json["phases"]``: load, Ray start, teacher service, training, shutdown).
+Secondary figures: the per-segment training rates (samples/s) and their sum, which assumes the segments overlapped
+perfectly and leaves out the report/checkpoint barrier: it is not the headline.
 
-  local  ``o2mkd_ray.engine.session.run_local``: no Ray, the segments one after another, the teacher in-process,
-         torch using ``--threads`` threads (default: all cores)
-  ray    ``o2mkd_ray.engine.driver.run_distillation``: an embedded local Ray, the teacher as a shared actor, one
-         TorchTrainer per segment, all in flight at once; Ray's processes take OMP_NUM_THREADS from their CPU
-         share (this script unsets the variable while Ray starts)
+``--log-every N`` adds the live-metrics comparison: the local engine with ``train.log_every=N`` (MLflow on an
+embedded SQLite store, so every interval is delivered) against ``train.log_every=0``, interleaved, medians of the
+training throughput: the cost of the stream inside the training loop.
 
-and prints, for each, the throughput of pure training in student samples/s (ray: the sum of ``report.json``
-segments[*].samples_per_s, the segments running concurrently; local: total samples / total training time), a
-"window" throughput that does not assume the segments overlapped (total samples / first training start to last
-training end), a "span" one (the same from the first segment's start, its set-up included), the end-to-end
-wall time including Ray start-up, teacher service and shutdown, and the ratios ray / local.
-
-Target: ray / local pure-training throughput >= 0.8 on 2 cores (the Ray engine costs at most 20 % on one node;
-it pays off with more nodes, GPUs, or workers per segment).
-
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_orchestration.py            # 200 steps per segment
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_orchestration.py --steps 20     # smoke test, ~2 min
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_orchestration.py --set train.batch_size=32 \\
-        --json bench_orchestration.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_orchestration.py --steps 200 --reps 2
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_orchestration.py --steps 20 --reps 1    # smoke test
+    .venv/bin/python benchmarks/bench_orchestration.py --engines local --log-every 10 --steps 200 --reps 3
 """
 
 from __future__ import annotations
@@ -55,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default="local,ray", help="which engines, in this order (default local,ray)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch threads of this process (the local engine; default: all cores)")
+    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions per engine (default 2)")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="also measure the live-metrics stream: local engine with train.log_every=N vs 0")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return p.parse_args(argv)
 
@@ -113,73 +109,88 @@ def run_engine(engine: str, cfg, out: Path, threads: int) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import pandas as pd
     import torch
 
     from o2mkd_ray.config.loading import load_config
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    print(f"torch threads (this process, local engine): {torch.get_num_threads()} (--threads {args.threads}; "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} cores)")
     overrides = [f"train.steps={args.steps}", "mlflow.enabled=false", "eval.enabled=false", *args.overrides]
     cfg = load_config(args.config, overrides)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     out = args.out or Path(tempfile.mkdtemp(prefix="o2mkd-bench-orch-"))
-    for e in engines:
-        d = out / e
-        if d.exists() and any(d.iterdir()):
-            sys.exit(f"--out: {d} is not empty (a finished run there would be resumed, not timed); "
-                     "use a new --out")
-    print(f"config {args.config}: N={cfg.segments.n}, width {cfg.students.width}, {cfg.train.steps} steps x "
-          f"batch {cfg.train.batch_size} per segment, teacher mode {cfg.teacher.mode} "
-          f"({cfg.teacher.num_cpus} CPU), {cfg.ray.workers_per_segment} worker(s) x "
-          f"{cfg.ray.cpus_per_worker} CPU per segment; out {out}")
-
-    results = {}
-    for e in engines:
-        print(f"--- {e} ...", flush=True)
-        results[e] = run_engine(e, cfg, out / e, args.threads)
-        r = results[e]
-        print(f"--- {e}: {r['train_samples_per_s']:.1f} samples/s training, wall {r['wall_s']:.1f} s",
-              flush=True)
-
-    cols = ["total_samples", "train_samples_per_s", "window_samples_per_s", "span_samples_per_s", "span_s",
-            "wall_s", "teacher_requests", "teacher_mean_batch"]
-    table = pd.DataFrame([{"engine": e, **{c: results[e][c] for c in cols}} for e in engines])
-    table = table.set_index("engine")
-    with pd.option_context("display.width", 160, "display.max_columns", 20,
-                           "display.float_format", "{:.2f}".format):
-        print(table)
-    for e in engines:
-        r = results[e]
-        print(f"{e}: per-segment samples/s {[round(x, 1) for x in r['segment_samples_per_s']]}"
-              + (f", phases {({k: round(v, 1) for k, v in r['phases'].items()})}" if r["phases"] else ""))
-
-    summary = {"config": args.config, "overrides": overrides, "steps": cfg.train.steps,
-               "batch_size": cfg.train.batch_size, "threads": args.threads, "cores": os.cpu_count(),
-               "out": str(out), "engines": results}
-    if {"local", "ray"} <= set(results):
-        loc, ray_ = results["local"], results["ray"]
-        summary["ratio_train_throughput"] = ray_["train_samples_per_s"] / loc["train_samples_per_s"]
-        summary["ratio_window_throughput"] = ray_["window_samples_per_s"] / loc["window_samples_per_s"]
-        summary["ratio_span_throughput"] = ray_["span_samples_per_s"] / loc["span_samples_per_s"]
-        summary["ratio_end_to_end"] = loc["wall_s"] / ray_["wall_s"]
-        summary["target"] = 0.8
-        summary["meets_target"] = bool(summary["ratio_train_throughput"] >= 0.8)
-        print(f"ray/local training throughput: {summary['ratio_train_throughput']:.3f}  (target >= 0.8: "
-              f"{'MET' if summary['meets_target'] else 'NOT MET'})")
-        print(f"ray/local window throughput (total samples / first training start to last training end): "
-              f"{summary['ratio_window_throughput']:.3f}")
-        print(f"ray/local span throughput (first segment start, set-up included, to last segment end): "
-              f"{summary['ratio_span_throughput']:.3f}")
-        print(f"ray/local end-to-end speed (local wall / ray wall, Ray start-up included): "
-              f"{summary['ratio_end_to_end']:.3f}  ({loc['wall_s']:.1f} s vs {ray_['wall_s']:.1f} s)")
+    print(f"config {args.config}: N={cfg.segments.n}, width {cfg.students.width}, {cfg.train.steps} steps x batch "
+          f"{cfg.train.batch_size} per segment; torch threads {torch.get_num_threads()}; {os.cpu_count()} cores; "
+          f"{args.reps} interleaved repetition(s); out {out}", flush=True)
+    summary = {"config": args.config, "overrides": overrides, "steps": cfg.train.steps, "reps": args.reps,
+               "cores": os.cpu_count(), "out": str(out)}
+    if len(engines) > 1 or args.log_every is None:
+        summary["engines"] = compare_engines(cfg, engines, out, args)
+    if args.log_every is not None:
+        summary["logging"] = compare_logging(args, out)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2, default=str))
         print(f"wrote {args.json}")
     return summary
+
+
+def _median(xs):
+    import statistics
+
+    return statistics.median(xs)
+
+
+def compare_engines(cfg, engines: list[str], out: Path, args) -> dict:
+    """Interleaved repetitions of each engine on the same work; medians of wall time and per-phase times."""
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for rep in range(args.reps):
+        order = engines if rep % 2 == 0 else list(reversed(engines))
+        for e in order:
+            r = run_engine(e, cfg, out / f"{e}-{rep}", args.threads)
+            runs[e].append(r)
+            print(f"  rep {rep} {e:5s}: wall {r['wall_s']:7.1f} s   segments' summed rate "
+                  f"{r['train_samples_per_s']:.0f} samples/s", flush=True)
+    res = {e: {"wall_s": [r["wall_s"] for r in rs], "median_wall_s": _median([r["wall_s"] for r in rs]),
+               "median_train_samples_per_s": _median([r["train_samples_per_s"] for r in rs]),
+               "segment_samples_per_s": [r["segment_samples_per_s"] for r in rs],
+               "median_phases": {k: _median([r["phases"][k] for r in rs]) for k in (rs[0]["phases"] or {})}}
+           for e, rs in runs.items()}
+    for e, r in res.items():
+        phases = "  ".join(f"{k} {v:.1f}" for k, v in r["median_phases"].items())
+        print(f"{e:5s}: median end-to-end wall {r['median_wall_s']:.1f} s over {args.reps} rep(s)"
+              + (f"; phases (s): {phases}" if phases else ""))
+    if {"local", "ray"} <= set(res):
+        ratio = res["ray"]["median_wall_s"] / res["local"]["median_wall_s"]
+        res["ratio_ray_over_local_wall"] = ratio
+        print(f"HEADLINE ray/local end-to-end wall time (medians, same work): {ratio:.3f}")
+        print(f"secondary: summed per-segment rates ray/local "
+              f"{res['ray']['median_train_samples_per_s'] / res['local']['median_train_samples_per_s']:.3f} "
+              "(assumes perfect overlap, leaves out the report barrier)")
+    return res
+
+
+def compare_logging(args, out: Path) -> dict:
+    """The local engine with ``train.log_every=args.log_every`` vs 0, MLflow on (SQLite), interleaved; medians of
+    the training throughput (samples per second of training time, the stream's delivery included)."""
+    from o2mkd_ray.config.loading import load_config
+
+    rates: dict[int, list[float]] = {args.log_every: [], 0: []}
+    for rep in range(args.reps):
+        for every in ((args.log_every, 0) if rep % 2 == 0 else (0, args.log_every)):
+            d = out / f"log{every}-{rep}"
+            cfg = load_config(args.config, [f"train.steps={args.steps}", "eval.enabled=false",
+                                            f"train.log_every={every}",
+                                            f"mlflow.tracking_uri=sqlite:///{d.parent / 'bench-mlflow.db'}",
+                                            *args.overrides])
+            r = run_engine("local", cfg, d, args.threads)
+            rates[every].append(r["train_samples_per_s"])
+            print(f"  rep {rep} log_every={every:<3d}: {r['train_samples_per_s']:.1f} samples/s", flush=True)
+    on, off = _median(rates[args.log_every]), _median(rates[0])
+    print(f"live metrics every {args.log_every} steps: median {on:.1f} vs {off:.1f} samples/s without "
+          f"(cost {100 * (1 - on / off):+.2f} %)")
+    return {"log_every": args.log_every, "samples_per_s": {str(k): v for k, v in rates.items()},
+            "median_on": on, "median_off": off, "cost_fraction": 1 - on / off}
 
 
 if __name__ == "__main__":
