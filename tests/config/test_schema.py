@@ -37,7 +37,8 @@ DEFAULTS = {
              "synth_guidance": 7.5, "resolution": 16, "channels": 1, "value_range": [-1.0, 1.0], "random_flip": False,
              "download": False},
     "train": {"steps": 600, "batch_size": 64, "lr": 0.001, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
-              "warmup_steps": 20, "seed": 0, "checkpoint_every": 100, "val_batches": 2, "select": "final",
+              "warmup_steps": 20, "seed": 0, "checkpoint_every": 100, "log_every": 10, "val_batches": 2,
+              "select": "final",
               "num_threads": 0},
     "sampling": {"scheduler": "ddim", "steps": 50, "num_images": 16, "eta": 0.0, "seed": 0, "guidance_scale": 7.5,
                  "prompts": None, "negative_prompt": None},
@@ -257,7 +258,7 @@ def test_debug_stays_an_open_mapping():
 
 def test_known_keys_and_mapping_sub_keys():
     keys = known_keys()
-    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 85
+    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 86
     assert {"students.unet", "ray.segment_overrides", "debug", "segments.n"} <= set(keys)
     cfg = from_dict({}, ["students.unet.sample_size=8", "ray.segment_overrides.0.num_workers=2", "debug.marker=/m"])
     assert cfg.students.unet == {"sample_size": 8}
