@@ -1,6 +1,8 @@
 """A v-prediction, SD 2.x-like tiny text-to-image teacher: pre-flight, sampling bit-exact with diffusers' own
 StableDiffusionPipeline, and data synthesis reading the teacher's output as velocity."""
 
+import json
+
 import conftest
 import numpy as np
 import pytest
@@ -81,3 +83,23 @@ def test_synthesized_latents_read_the_teacher_as_velocity(teacher):
     want = ref(prompt_embeds=embeds, negative_prompt_embeds=uncond.expand_as(embeds), guidance_scale=5.0,
                num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert torch.equal(got, want)
+
+
+def test_local_engine_distils_the_v_teacher(v_sd_dir, prompts_file, tmp_path):
+    """A seconds-long text-to-image run (data synthesised by the v teacher, task loss on): its pipeline samples with
+    the teacher's v-prediction scheduler config."""
+    from o2mkd_ray.engine.session import run_local
+    from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
+
+    cfg = load_config(conftest.ROOT / "pipelines" / "tiny.yaml",
+                      [*conftest.sd_overrides(v_sd_dir, prompts_file), "train.steps=4", "train.checkpoint_every=2",
+                       "kd.lambda_task=0.1"])
+    report = run_local(cfg, tmp_path / "run", progress=False)
+    assert [s["steps"] for s in report["segments"]] == [4, 4]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert all(np.isfinite(h["loss"]) and h["loss_task"] > 0 for seg in history.values() for h in seg)
+    pipe = O2MKDStableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    img = pipe("a red square", num_inference_steps=3, guidance_scale=5.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 24, 24, 3) and np.isfinite(img).all()
