@@ -28,24 +28,44 @@ def byte_vocab() -> dict[str, int]:
     return vocab
 
 
-def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int = 8, block_out_channels=(16, 32),
-                 cross_attention_dim: int = 16, max_length: int = 77):
+def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int | None = None, block_out_channels=(16, 32),
+                 cross_attention_dim: int = 16, max_length: int = 77, prediction_type: str = "epsilon",
+                 sd2: bool = False):
     """Writes a tiny random Stable Diffusion folder and returns the ``StableDiffusionPipeline``.
 
     Same component classes and layout as SD 1.x (CrossAttn down/up blocks, a cross-attention mid block,
     ``layers_per_block=2``, a CLIP text encoder, a KL VAE, a PNDM scheduler with SD's betas), at toy size: latents
     ``(4, sample_size, sample_size)``, images twice that. The tokenizer is byte-level, built locally (no download).
+
+    Args:
+        folder: where to write it.
+        seed: the weights' seed.
+        sample_size: latent size (default 8, or 12 with ``sd2``).
+        prediction_type: the scheduler's ``epsilon``, ``v_prediction`` (SD 2.x-768) or ``sample``.
+        sd2: SD 2.x's UNet options instead: a head dimension per block, linear projections in the transformers,
+            upcast attention, and a DDIM scheduler (as SD 2.x checkpoints ship).
+    Returns:
+        The pipeline written (its VAE still in training mode: load the folder back for bit-exact comparisons).
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
+    sample_size = sample_size or (12 if sd2 else 8)
     ch = list(block_out_channels)
+    v2 = {"attention_head_dim": [2 * (i + 1) for i in range(len(ch))], "use_linear_projection": True,
+          "upcast_attention": True} if sd2 else {"attention_head_dim": 2}
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=ch,
         down_block_types=["CrossAttnDownBlock2D"] * (len(ch) - 1) + ["DownBlock2D"],
         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(ch) - 1),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=2, norm_num_groups=4,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=4, **v2,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16], norm_num_groups=4,
@@ -58,8 +78,9 @@ def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int = 8, block_
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+             "steps_offset": 1, "set_alpha_to_one": False, "prediction_type": prediction_type}
+    scheduler = (DDIMScheduler(clip_sample=False, **betas) if sd2 else PNDMScheduler(skip_prk_steps=True, **betas))
     pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -4,6 +4,9 @@ The O2MKD objective for the student of one timestep segment (Zhang & Ma, arXiv 2
 
     loss = λ_out·‖ε_S(x_t, t) − ε_T(x_t, t)‖²  +  λ_feat·L_feat(F_S, F_T)  +  λ_task·‖ε_S(x_t, t) − ε‖²
 
+written for ε-prediction; a v- or x_0-prediction teacher's students learn its raw output the same way, and the task
+target is the ground truth of that parameterisation (:func:`o2mkd_ray.core.targets.task_target`).
+
 The paper applies O2MKD on top of prior KD methods; ``L_feat`` is one of them, picked by ``kd.feature_method``
 from :data:`KD_METHODS`. Adding a method is one small class::
 
@@ -218,16 +221,17 @@ class KDLoss(nn.Module):
         self,
         eps_s: Tensor,
         eps_t: Tensor | None,
-        eps: Tensor | None,
+        target: Tensor | None,
         feats_s: dict[str, Tensor] | None = None,
         feats_t: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Computes the weighted loss.
 
         Args:
-            eps_s: student prediction ε_S(x_t, t), (B, C, H, W).
-            eps_t: teacher prediction ε_T(x_t, t); may be None only when ``lambda_out`` is 0.
-            eps: the noise added to x_0 (task target); may be None only when ``lambda_task`` is 0.
+            eps_s: student output S(x_t, t), (B, C, H, W), in the teacher's parameterisation (ε, v or x_0).
+            eps_t: teacher output T(x_t, t); may be None only when ``lambda_out`` is 0.
+            target: the task target in that parameterisation (the noise ε for ε-prediction; see
+                :func:`o2mkd_ray.core.targets.task_target`); may be None only when ``lambda_task`` is 0.
             feats_s: student block features; required when :attr:`uses_features`.
             feats_t: teacher block features; required when :attr:`uses_features`.
         Returns:
@@ -237,13 +241,13 @@ class KDLoss(nn.Module):
         zero = eps_s.new_zeros(())
         if self.lambda_out > 0 and eps_t is None:
             raise ValueError("KDLoss: kd.lambda_out > 0 needs the teacher prediction eps_t")
-        if self.lambda_task > 0 and eps is None:
-            raise ValueError("KDLoss: kd.lambda_task > 0 needs the true noise eps")
+        if self.lambda_task > 0 and target is None:
+            raise ValueError("KDLoss: kd.lambda_task > 0 needs the task target (the true noise for ε-prediction)")
         # output KD, ‖ε_S(x_t,t) − ε_T(x_t,t)‖² (arXiv 2410.04191: each student mimics the teacher's noise
         # prediction on its own timestep segment); the teacher is a fixed target
         loss_out = F.mse_loss(eps_s, eps_t.detach()) if eps_t is not None else zero
-        # task loss, ‖ε_S − ε‖²: the DDPM objective (Ho et al. 2020, eq. 14)
-        loss_task = F.mse_loss(eps_s, eps) if eps is not None else zero
+        # task loss, ‖ε_S − ε‖²: the DDPM objective (Ho et al. 2020, eq. 14), or its v / x_0 counterpart
+        loss_task = F.mse_loss(eps_s, target) if target is not None else zero
         loss_feat = zero
         if self.feature is not None:
             if feats_s is None or feats_t is None:

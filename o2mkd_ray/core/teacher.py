@@ -17,6 +17,7 @@ from torch import nn
 
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.features import FeatureHooks, dummy_cond, hookable_blocks
+from o2mkd_ray.core.targets import check_prediction_type, prediction_type
 from o2mkd_ray.errors import ConfigError
 
 EMBEDDED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "digits_teacher"
@@ -104,7 +105,7 @@ def load_factory(spec: str):
 
 
 def load_teacher(tcfg: TeacherConfig):
-    """Loads the teacher ε-model and its (training) noise scheduler.
+    """Loads the teacher model (ε-, v- or x_0-prediction, as its scheduler says) and its (training) noise scheduler.
 
     Args:
         tcfg: ``teacher.pretrained`` (hub id or local folder; ``subfolder`` supported), or ``teacher.factory``
@@ -118,9 +119,7 @@ def load_teacher(tcfg: TeacherConfig):
     else:
         model, scheduler = _load_pretrained(tcfg.pretrained or str(EMBEDDED_TEACHER), tcfg.subfolder,
                                             teacher_kind(tcfg))
-    pred = getattr(scheduler.config, "prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ConfigError(f"teacher: prediction_type {pred!r} is not supported yet; O2MKD here distils ε-prediction")
+    check_prediction_type(prediction_type(scheduler), tcfg.factory or tcfg.pretrained or str(EMBEDDED_TEACHER))
     model.eval().requires_grad_(False)
     return model, scheduler
 
@@ -152,7 +151,7 @@ class TeacherFn:
     """In-process teacher behind the common callable: ``(x_t, t, features) -> (eps, feats | None)``.
 
     Args:
-        model: the ε-prediction network (``model(x_t, t)``).
+        model: the denoising network (``model(x_t, t)``), in any parameterisation.
         feature_blocks: names of blocks to hook for feature KD (None: every hookable block).
         dtype: compute dtype (bf16/fp16 only make sense on GPU).
     """

@@ -11,6 +11,7 @@ from torch import nn
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.kd import check_kd_method
 from o2mkd_ray.core.schedulers import check_scheduler_name
+from o2mkd_ray.core.targets import check_prediction_type
 from o2mkd_ray.core.teacher import EMBEDDED_TEACHER, load_factory, looks_local, read_json_config, teacher_kind
 from o2mkd_ray.errors import ConfigError
 
@@ -63,7 +64,7 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
 def _check_factory_teacher(tcfg: TeacherConfig, data, segments, students) -> None:
     """``teacher.factory``: the model it returns, its scheduler, shapes, segments and students."""
     model, scheduler = load_factory(tcfg.factory)  # a user-named factory: calling it is what they asked for
-    _check_prediction_type(getattr(scheduler.config, "prediction_type", "epsilon"), tcfg.factory)
+    check_prediction_type(getattr(scheduler.config, "prediction_type", "epsilon"), tcfg.factory)
     cfg = getattr(model, "config", None)
     ucfg = dict(cfg) if cfg is not None and hasattr(cfg, "keys") else {}
     _check_shapes(ucfg, data)
@@ -89,7 +90,7 @@ def _check_folder_teacher(tcfg: TeacherConfig, p: Path, sub: str, kind: str, dat
         raise ConfigError(f"teacher.pretrained: no scheduler config in {spec!r} (expected "
                           "scheduler/scheduler_config.json); save the teacher with its scheduler")
     scfg = read_json_config(sched, "teacher.pretrained")
-    _check_prediction_type(scfg.get("prediction_type", "epsilon"), str(sched))
+    check_prediction_type(scfg.get("prediction_type", "epsilon"), str(sched))
     if kind == "unet":  # SD works in latent space: images are resized to what the VAE expects
         _check_shapes(ucfg, data)
     n = _check_segments(segments, scfg.get("num_train_timesteps", 1000))
@@ -146,12 +147,6 @@ def check_safetensors(path: str | Path, key: str) -> None:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}: {str(path)!r} is corrupted or truncated ({why}); re-create or re-download "
                           "it") from None
-
-
-def _check_prediction_type(pred: str, where: str) -> None:
-    if pred != "epsilon":
-        raise ConfigError(f"teacher: prediction_type {pred!r} ({where}) is not supported yet; O2MKD here distils "
-                          "ε-prediction teachers (prediction_type: epsilon)")
 
 
 def _check_shapes(ucfg: dict, data) -> None:

@@ -30,8 +30,12 @@ def synthesize_latents(teacher, scheduler_config, embeds: torch.Tensor, uncond: 
                        guidance: float, seed: int, batch_size: int = 16) -> torch.Tensor:
     """Data-free x_0: the teacher's own samples for each caption (DDIM, classifier-free guidance), in latent space.
 
+    The DDIM scheduler is built from ``scheduler_config``, so it reads the teacher's output as the config's
+    ``prediction_type`` says (ε, v or x_0); guidance mixes raw outputs, which is linear in any of them, as
+    diffusers' ``StableDiffusionPipeline`` does.
+
     Args:
-        teacher: the teacher callable ``teacher(x_t, t, features=False, cond=...) -> (eps, _)`` (in-process or the
+        teacher: the teacher callable ``teacher(x_t, t, features=False, cond=...) -> (out, _)`` (in-process or the
             Ray teacher service, so the sampling runs where the teacher lives).
         embeds: ``(N, L, D)`` caption embeddings; ``uncond``: ``(1, L, D)`` the empty prompt's.
         shape: latent shape ``(C, h, w)``.

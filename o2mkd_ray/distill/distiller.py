@@ -16,6 +16,7 @@ from o2mkd_ray.core.atomic import replace_dir, write_json
 from o2mkd_ray.core.features import FeatureHooks, hookable_blocks, probe_feature_channels
 from o2mkd_ray.core.kd import KDLoss
 from o2mkd_ray.core.segments import Segments
+from o2mkd_ray.core.targets import task_target
 from o2mkd_ray.core.teacher import cond_kwargs
 from o2mkd_ray.data.images import random_flip
 from o2mkd_ray.distill.checkpoints import MANIFEST, TRAIN_STATE, config_hash, hash_files, verify_checkpoint
@@ -78,14 +79,18 @@ class SegmentDistiller:
 
     # ----------------------------------------------------------------------------------------------------------
     def make_inputs(self, x_0: torch.Tensor, generator: torch.Generator | None = None):
-        """``x_0: (B, C, H, W)`` → ``(x_t, t, eps)`` with ``t`` uniform inside segment k."""
+        """``x_0: (B, C, H, W)`` → ``(x_t, t, target)`` with ``t`` uniform inside segment k.
+
+        ``target`` is the task loss's ground truth in the teacher's parameterisation: the noise ε for ε-prediction,
+        the velocity for v-prediction, x_0 for ``sample`` (:func:`~o2mkd_ray.core.targets.task_target`).
+        """
         g = generator or self.gen
         if self.cfg.data.random_flip:
             x_0 = random_flip(x_0, g)
         t = self.segments.sample_t(self.k, x_0.shape[0], generator=g)  # (B,)
         eps = torch.randn(x_0.shape, generator=g)  # (B, C, H, W)
         x_t = self.scheduler.add_noise(x_0, eps, t)
-        return x_t, t, eps
+        return x_t, t, task_target(self.scheduler, x_0, eps, t)
 
     def make_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None):
         """Text embeddings ``(B, L, D)`` with each row swapped for the empty prompt's with prob ``data.uncond_prob``."""
@@ -98,14 +103,18 @@ class SegmentDistiller:
         out = model(x_t.to(self.device), t.to(self.device), **cond_kwargs(cond, self.device))
         return out.sample if hasattr(out, "sample") else out
 
-    def train_step(self, x_t, t, eps, eps_T, feats_T=None, cond=None) -> dict[str, float]:
-        """One AdamW step on the KD loss; returns the loss terms, lr and grad norm. ``cond``: ``(B, L, D)`` or None."""
+    def train_step(self, x_t, t, target, eps_T, feats_T=None, cond=None) -> dict[str, float]:
+        """One AdamW step on the KD loss; returns the loss terms, lr and grad norm.
+
+        ``target``: the task target from :meth:`make_inputs`; ``eps_T``: the teacher's raw output (ε, v or x_0);
+        ``cond``: ``(B, L, D)`` or None.
+        """
         self.model.train()
         if self.hooks is not None:
             self.hooks.clear()
         eps_S = self._forward(self.model, x_t, t, cond)  # (B, C, H, W)
         feats_S = self.hooks.features if self.hooks is not None else None
-        loss, terms = self.kd(eps_S, eps_T.to(self.device), eps.to(self.device), feats_S,
+        loss, terms = self.kd(eps_S, eps_T.to(self.device), target.to(self.device), feats_S,
                               {k: v.to(self.device) for k, v in feats_T.items()} if feats_T else None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

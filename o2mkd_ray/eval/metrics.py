@@ -14,6 +14,7 @@ from torch import nn
 
 from o2mkd_ray.core.schedulers import make_scheduler
 from o2mkd_ray.core.segments import Segments
+from o2mkd_ray.core.targets import task_target
 from o2mkd_ray.core.teacher import eps_of
 from o2mkd_ray.eval.fid import FID_SEED_OFFSET
 from o2mkd_ray.eval.measures import PSNR_CAP_DB, image_fidelity, paired_latency, sample_shape_of
@@ -26,7 +27,9 @@ __all__ = ["PSNR_CAP_DB", "latency", "pipe_sample_shape", "segment_summary", "te
 @torch.no_grad()
 def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=None, num_samples: int = 256,
                       num_buckets: int = 20, seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
-    """Student-vs-teacher ε error as a function of t, on the training forward process.
+    """Student-vs-teacher output error as a function of t, on the training forward process.
+
+    Outputs are compared raw, in the teacher's parameterisation (ε, v or x_0: ``scheduler.config.prediction_type``).
 
     ``x_0`` are drawn from ``dataset`` with a fixed generator (the dataset has no held-out split, but the
     noise and timesteps are fresh draws, and the distillation target is the teacher's output, not ``x_0``);
@@ -37,7 +40,7 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
         multi: a :class:`MultiStudentUNet` (routes each sample to the student owning its t).
         teacher_fn: ``teacher_fn(x_t, t) -> (eps, feats)`` (a :class:`~o2mkd_ray.core.teacher.TeacherFn`), or a
             model.
-        scheduler: the teacher's training noise scheduler (``add_noise``).
+        scheduler: the teacher's training noise scheduler (``add_noise``, ``prediction_type``).
         dataset: items ``(x_0,)`` with ``x_0: (C, H, W)``.
         segments: :class:`Segments` or boundaries; default ``multi.segments``.
         num_samples: number of ``(x_0, ε, t)`` draws.
@@ -46,7 +49,8 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
         batch_size: forward batch.
     Returns:
         One row per (bucket ∩ segment): ``t_lo, t_hi`` (t_lo <= t < t_hi), ``segment``, ``n``, ``mse``
-        (student vs teacher ε, mean over samples and pixels), ``teacher_task_mse`` (teacher vs the true ε, for
+        (student vs teacher output, mean over samples and pixels), ``teacher_task_mse`` (teacher vs the ground
+        truth of its parameterisation, :func:`~o2mkd_ray.core.targets.task_target`: the true ε, v or x_0; for
         scale).
         :func:`segment_summary` reduces it per segment.
     """
@@ -72,7 +76,7 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
         eps_S = multi(x_t.to(p.device, p.dtype), t_b.to(p.device)).sample.float().cpu()
         eps_T = eps_of(teacher_fn(x_t.to(p.device), t_b.to(p.device))).float().cpu()
         mse.append(((eps_S - eps_T) ** 2).flatten(1).mean(1))
-        task.append(((eps_T - eps) ** 2).flatten(1).mean(1))
+        task.append(((eps_T - task_target(scheduler, x_0, eps, t_b)) ** 2).flatten(1).mean(1))
     df = pd.DataFrame({"t": t.numpy(), "segment": segments.owner(t).numpy(),
                        "bucket": (t * num_buckets // T).numpy(),
                        "mse": torch.cat(mse).double().numpy(), "task": torch.cat(task).double().numpy()})

@@ -27,7 +27,7 @@ def get_pyplot():
 
 
 def plot_agreement(agreement: pd.DataFrame, boundaries, path: str | Path) -> Path:
-    """``agreement_vs_t.png``: per-bucket ε MSE against t, a colour per segment, boundaries as vertical
+    """``agreement_vs_t.png``: per-bucket output MSE against t, a colour per segment, boundaries as vertical
     lines."""
     plt = get_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -42,7 +42,7 @@ def plot_agreement(agreement: pd.DataFrame, boundaries, path: str | Path) -> Pat
         ax.set_yscale("log")
     ax.set_xlim(0, boundaries[-1])
     ax.set_xlabel("timestep t")
-    ax.set_ylabel("MSE(ε_student, ε_teacher)")
+    ax.set_ylabel("MSE(student, teacher output)")
     ax.set_title("teacher agreement per timestep bucket", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -181,10 +181,10 @@ def markdown_report(report: dict) -> str:
         f"Run `{report['run']}`: {report['num_segments']} students, boundaries {report['boundaries']}. "
         f"DDIM eta=0, {s['steps']} steps, {s['num_images']} images, seed {s['seed']}, "
         f"device {s['device']}.", "",
-        "## Teacher agreement (ε MSE, student vs teacher, per segment)", "",
+        "## Teacher agreement (output MSE, student vs teacher, per segment)", "",
         f"{s['agreement_samples']} draws of (x_0, ε, t), t on a jittered grid over [0, T); overall MSE "
         f"{report['agreement']['overall_mse']:.4g}. `teacher_task_mse` is the teacher's own error against "
-        "the true ε, for scale. Plot: `agreement_vs_t.png`.", "",
+        "the ground truth of its parameterisation (the true ε, v or x_0), for scale. Plot: `agreement_vs_t.png`.", "",
         _table(per_seg), "",
         "## Trajectory fidelity (same noise, teacher vs O2MKD final images in [0, 1])", "",
         tr["psnr_note"] + ". Grid: `samples_grid.png`.", "",

@@ -20,7 +20,11 @@ from o2mkd_ray.eval.measures import image_fidelity
 @torch.no_grad()
 def teacher_images(model: nn.Module, scheduler, shape, value_range, num_images: int, steps: int, seed: int,
                    eta: float = 0.0) -> np.ndarray:
-    """Samples the teacher with the same loop, noise and scheduler as O2MKDPipeline (``(N, H, W, C)`` in [0, 1])."""
+    """Samples the teacher with the same loop, noise and scheduler as O2MKDPipeline (``(N, H, W, C)`` in [0, 1]).
+
+    The model's output is handed to ``scheduler.step`` raw: a scheduler built from the teacher's config reads it as
+    that config's ``prediction_type`` (ε, v or x_0).
+    """
     import inspect
 
     from diffusers.utils.torch_utils import randn_tensor

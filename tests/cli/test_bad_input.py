@@ -203,13 +203,13 @@ def test_teacher_weights_truncated(cli, tiny_teacher_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_teacher_with_v_prediction(cli, tiny_teacher_dir, tmp_path):
+def test_teacher_with_unknown_prediction_type(cli, tiny_teacher_dir, tmp_path):
     bad = tmp_path / "teacher"
     shutil.copytree(tiny_teacher_dir, bad)
     f = bad / "scheduler" / "scheduler_config.json"
-    f.write_text(json.dumps({**json.loads(f.read_text()), "prediction_type": "v_prediction"}))
+    f.write_text(json.dumps({**json.loads(f.read_text()), "prediction_type": "flow"}))
     rc, err = cli("distill", TINY, "--set", f"teacher.pretrained={bad}", "--out", str(tmp_path / "out"))
-    _assert_one_line_error(rc, err, "prediction_type 'v_prediction'", "epsilon")
+    _assert_one_line_error(rc, err, "prediction_type 'flow'", "v_prediction")
     assert not (tmp_path / "out").exists()
 
 
