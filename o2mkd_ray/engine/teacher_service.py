@@ -4,6 +4,7 @@ The server actor loads the teacher once and answers ``predict(x_t, t, features)`
 arrive together (from different segments' workers) are merged into one forward of at most ``max_batch`` samples,
 waiting at most ``max_wait_ms`` for company; ``max_concurrency`` forwards may run at once (on a 2-core CPU, 2
 concurrent forwards served most samples/s: 207 vs 122-127 with one). ``max_restarts`` brings a crashed server back; the client retries.
+The server counts ``multi_client_forwards``: forwards that merged requests of two or more clients (segments).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Server:
         self.max_concurrency = max_concurrency
         self._drainers = 0
         self.stats = {"requests": 0, "samples": 0, "forwards": 0, "busy_s": 0.0, "started_at": time.time(),
-                      "pid": os.getpid()}
+                      "pid": os.getpid(), "multi_client_forwards": 0}
         self._busy_lock = threading.Lock()
         self.by_client: dict[str, int] = {}
         self.on_request = teacher_hook(fault)  # test-only fault drill (debug.kill_teacher_after_requests) or None
@@ -93,7 +94,7 @@ class _Server:
             self.on_request(self.stats["requests"])
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((np.asarray(x_t), np.asarray(t), bool(features), fut,
-                           None if cond is None else np.asarray(cond)))
+                           None if cond is None else np.asarray(cond), client))
         if self._drainers < self.max_concurrency:  # a free forward slot: start a drainer for it
             self._drainers += 1
             asyncio.get_running_loop().create_task(self._drain())
@@ -124,8 +125,10 @@ class _Server:
                     for q in take:
                         q[3].set_exception(e)
                     continue
+                if len({q[5] for q in take}) > 1:  # one forward for several clients (segments)
+                    self.stats["multi_client_forwards"] += 1
                 i = 0
-                for xq, _, fq, fut, _ in take:
+                for xq, _, fq, fut, *_ in take:
                     j = i + xq.shape[0]
                     fut.set_result((eps[i:j], {k: v[i:j] for k, v in fts.items()} if (fq and fts) else None))
                     i = j
@@ -250,7 +253,8 @@ def teacher_stats(handles: list, cfg: Config) -> dict:
 
     Returns:
         ``mode``, ``replicas``, ``requests``, ``mean_batch``, ``busy_s``; with actors also ``forwards``,
-        ``mean_batch_samples`` and ``requests_by_segment``.
+        ``mean_batch_samples``, ``multi_client_forwards`` (forwards that merged requests of two or more
+        segments) and ``requests_by_segment``.
     """
     base = {"mode": cfg.teacher.mode, "replicas": cfg.teacher.replicas if cfg.teacher.mode == "actor" else 0}
     if not handles:
@@ -261,5 +265,6 @@ def teacher_stats(handles: list, cfg: Config) -> dict:
     return {**base, "requests": req, "forwards": fwd, "mean_batch": req / max(1, fwd),
             "mean_batch_samples": sum(s["samples"] for s in stats) / max(1, fwd),
             "busy_s": sum(s["busy_s"] for s in stats),
+            "multi_client_forwards": sum(s.get("multi_client_forwards", 0) for s in stats),
             "requests_by_segment": {c: sum(s["by_client"].get(c, 0) for s in stats)
                                     for c in sorted({c for s in stats for c in s["by_client"]})}}

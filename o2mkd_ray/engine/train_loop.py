@@ -2,11 +2,20 @@
 
 It unpacks its config, builds the distiller, resumes from ``ray.train.get_checkpoint()``, and gives the loop an
 ``on_report`` that reports to Ray Train (rank 0 with a checkpoint) and to the driver's progress queue.
+
+Every rank also records its reports in ``rank-R.json`` in its segment's Ray Train folder
+(``OUT/ray/seg-KK``, local storage only): ``rank``, ``world_size``, and per report ``step``, ``pid`` and
+``param_digest`` (:func:`param_digest` of the student). Only rank 0's metrics reach the driver, so this
+is where the other ranks of a data-parallel segment can be seen: the same digest on every rank at a step
+shows that the ranks hold the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,13 +27,15 @@ import ray.train.torch
 import torch
 
 from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.core.background import BatchingSender
 from o2mkd_ray.distill.checkpoints import restore_checkpoint
 from o2mkd_ray.distill.distiller import SegmentDistiller
 
 log = logging.getLogger(__name__)
 
-__all__ = ["restore_checkpoint", "train_loop_per_worker"]  # restore_checkpoint: its home before distill/
+# restore_checkpoint: its home before distill/
+__all__ = ["param_digest", "restore_checkpoint", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -66,11 +77,12 @@ def train_loop_per_worker(config: dict) -> dict:
     batches = segment_batches(cfg, k, dataset, per_worker, prepare)
     val = fixed_val_batches(dist, dataset, teacher, cfg.train.val_batches, per_worker)
     queue = (config.get("progress") or [None])[0]
+    report = _reporter(dist, rank, world, queue, _rank_ledger(rank, world))
     # live metrics every train.log_every steps: rank 0 hands them to a sender thread (a deque append in the loop)
     live = BatchingSender(queue.put_nowait_batch) if rank == 0 and queue is not None else None
     try:
-        res = run(dist, batches, teacher, val, _reporter(dist, rank, queue), world=world,
-                  after_step=worker_hook(cfg.debug, k, rank), on_log=live.send if live else None)
+        res = run(dist, batches, teacher, val, report, world=world, after_step=worker_hook(cfg.debug, k, rank),
+                  on_log=live.send if live else None)
     finally:
         if live is not None:
             live.close()
@@ -107,16 +119,64 @@ def _dataset(cfg: Config, config: dict):
     return build_dataset(cfg.data), None
 
 
-def _reporter(dist: SegmentDistiller, rank: int, queue) -> Callable[[dict], None]:
-    """The loop's ``on_report``: ``ray.train.report`` on every rank (rank 0 with the checkpoint folder), then the
-    metrics to the driver's progress queue (``queue``: a ``ray.util.queue.Queue``, or None)."""
+def param_digest(module: torch.nn.Module, samples: int = 256) -> str:
+    """A cheap fingerprint of a module's parameters: sha256 over each parameter's name and about ``samples``
+    evenly strided values (as float32). Equal weights give equal digests; a DDP wrapper is looked through."""
+    module = getattr(module, "module", module)
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        flat = p.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        h.update(name.encode())
+        h.update(flat[::stride].to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _rank_ledger(rank: int, world: int) -> Callable[[dict], None] | None:
+    """``rank-R.json`` in this segment's Ray Train folder (local storage only; None elsewhere):
+    ``record(metrics)`` appends one report to it, atomically. A restarted worker keeps the earlier
+    attempts' reports."""
+    try:
+        storage = ray.train.get_context().get_storage()  # a Ray DeveloperAPI: without it there is no ledger
+        if storage.storage_filesystem.type_name != "local":
+            return None
+        path = Path(storage.experiment_fs_path) / f"rank-{rank}.json"
+    except Exception as e:  # noqa: BLE001 - diagnostics only, never fatal to training
+        log.debug("no rank ledger (%s)", e)
+        return None
+    reports: list[dict] = []
+    try:
+        reports = list(json.loads(path.read_text()).get("reports", []))
+    except (OSError, ValueError, AttributeError):
+        pass
+
+    def record(metrics: dict) -> None:
+        reports.append({key: metrics.get(key) for key in ("step", "param_digest", "resumed_from", "time")}
+                       | {"pid": os.getpid()})
+        try:
+            write_json(path, {"rank": rank, "world_size": world, "reports": reports})
+        except OSError as e:
+            log.warning("rank ledger %s not written (%s)", path, e)
+
+    return record
+
+
+def _reporter(dist: SegmentDistiller, rank: int, world: int, queue,
+              ledger: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
+    """The loop's ``on_report``: ``ray.train.report`` on every rank (rank 0 with the checkpoint
+    folder; the metrics plus this rank's ``rank``, ``world_size`` and ``param_digest``), the same to
+    ``ledger`` (:func:`_rank_ledger`), then rank 0's metrics to the driver's progress queue (``queue``:
+    a ``ray.util.queue.Queue``, or None)."""
     def report(metrics: dict) -> None:
+        mine = {**metrics, "rank": rank, "world_size": world, "param_digest": param_digest(dist.student)}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 dist.save(Path(tmp) / "ckpt", extra={"metrics": metrics})
                 checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
-            ray.train.report(metrics, checkpoint=checkpoint)  # every rank reports the same number of times
+            ray.train.report(mine, checkpoint=checkpoint)  # every rank reports the same number of times
+        if ledger is not None:
+            ledger(mine)
         if rank == 0 and queue is not None:
             try:  # live metrics to the driver (MLflow, console, Tune); never fatal to training
                 queue.put_nowait(metrics)

@@ -1,4 +1,7 @@
-"""The Ray engine for real: N=3 TorchTrainers on a local Ray, `ray job submit` to a real head, driver kill + resume."""
+"""The Ray engine for real: N=3 TorchTrainers on a local Ray, `ray job submit` to a real head.
+
+The evidence that segments train at the same time, that DDP ranks agree and that the teacher merges segments'
+requests is in test_concurrency.py; killed workers, teacher and driver are in test_outside_faults.py."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 pytestmark = pytest.mark.ray
 
@@ -59,12 +62,10 @@ def test_three_segments_train_concurrently_against_shared_teacher(ray_run):
     storage = out / "ray"
     assert sorted(p.name for p in storage.iterdir() if p.is_dir()) == ["seg-00", "seg-01", "seg-02"]
     for k in range(3):
-        assert list((storage / f"seg-{k:02d}").glob("checkpoint_*")), f"no checkpoint for segment {k}"
+        assert [d for d in (storage / f"seg-{k:02d}").glob("checkpoint_*") if d.is_dir()], f"no checkpoint for {k}"
 
     segs = report["segments"]
     assert [s["boundaries"] for s in segs] == [[0, 333], [333, 667], [667, 1000]]
-    # training windows overlap: every segment started before any other finished
-    assert max(s["started_at"] for s in segs) < min(s["finished_at"] for s in segs)
     # each student's loss went down (KD loss on held-out x_t of its segment, EMA student)
     hist = json.loads((out / "history.json").read_text())
     for k in range(3):
@@ -76,7 +77,7 @@ def test_three_segments_train_concurrently_against_shared_teacher(ray_run):
     assert t["mode"] == "actor" and t["replicas"] == 1
     assert set(t["requests_by_segment"]) == {"seg-00", "seg-01", "seg-02"}
     assert all(n >= 60 for n in t["requests_by_segment"].values())
-    assert t["mean_batch"] >= 1.0 and t["busy_s"] > 0
+    assert t["multi_client_forwards"] > 0 and t["busy_s"] > 0  # some forwards served several segments at once
     # live progress reached the driver for every segment and step
     assert sorted(seen) == [(k, s) for k in range(3) for s in (20, 40, 60)]
 
@@ -137,6 +138,11 @@ def test_local_teacher_mode_and_two_workers_ddp(ray_local, tiny_overrides, tmp_p
     assert report["teacher"]["mode"] == "local" and report["teacher"]["requests"] == 0
     assert [s["steps"] for s in report["segments"]] == [10, 10]
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+    # both ranks of segment 0 reported (rank-R.json, engine/train_loop.py), world size 2, the same weights
+    ranks = [json.loads((tmp_path / "run" / "ray" / "seg-00" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [(led["rank"], led["world_size"]) for led in ranks] == [(0, 2), (1, 2)]
+    r0, r1 = ([(m["step"], m["param_digest"]) for m in led["reports"]] for led in ranks)
+    assert r0 == r1 and [step for step, _ in r0] == [5, 10]
 
 
 def _free_port() -> int:
@@ -167,22 +173,22 @@ def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
     try:
         addr = f"http://127.0.0.1:{dash}"
         env_job = {**env, "RAY_ADDRESS": addr}
-        deadline = time.time() + 90
         while True:  # the dashboard's job server answers a few seconds after the head starts
             r = subprocess.run([str(ray_bin), "job", "list"], env=env_job, capture_output=True, text=True)
             if r.returncode == 0:
                 break
-            assert time.time() < deadline, f"head did not come up: {r.stderr[-2000:]}"
+            assert head.poll() is None, f"head exited ({head.returncode}): {r.stderr[-2000:]}"
             time.sleep(2)
         cmd = [str(ray_bin), "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
                json.dumps({"excludes": [".venv", "runs", ".git", "*.egg-info"]}), "--",
                sys.executable, "-m", "o2mkd_ray.cli", "distill", "pipelines/tiny.yaml",
                "--set", f"teacher.pretrained={tiny_teacher_dir}", "--set", "mlflow.enabled=false",
                "--set", "eval.enabled=false", "--out", str(out)]
-        for _ in range(30):  # the job agent registers a little after the job server answers
-            r = subprocess.run(cmd, env=env_job, capture_output=True, text=True, timeout=600)
+        while True:  # the job agent registers a little after the job server answers
+            r = subprocess.run(cmd, env=env_job, capture_output=True, text=True)
             if "No available agent" not in r.stdout + r.stderr:
                 break
+            assert head.poll() is None, f"head exited ({head.returncode})"
             time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         jobs = subprocess.run([str(ray_bin), "job", "list"], env=env_job, capture_output=True, text=True).stdout
@@ -197,25 +203,3 @@ def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-
-
-@pytest.mark.slow
-def test_driver_killed_after_first_checkpoint_resumes(tiny_overrides, tmp_path):
-    out = tmp_path / "run"
-    base = ["distill", str(ROOT / "pipelines" / "tiny.yaml"), "--out", str(out), "--no-eval",
-            *[a for o in tiny_overrides for a in ("--set", o)], "--set", "train.steps=40"]
-    marker = tmp_path / "killed"
-    r1 = run_cli(*base, "--set", "debug.kill_driver_after_checkpoints=3", "--set", f"debug.marker={marker}")
-    assert r1.returncode != 0 and marker.exists(), r1.stderr[-3000:]
-    ckpts = list((out / "ray").glob("seg-*/checkpoint_*"))
-    assert len(ckpts) >= 3 and not (out / "report.json").exists()
-
-    r2 = run_cli(*base)  # the same command again (debug switches are not part of a run's identity)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    rep = json.loads((out / "report.json").read_text())
-    assert all(s["steps"] == 40 for s in rep["segments"])
-    assert any(s["resumed_from"] >= 10 for s in rep["segments"]), [s["resumed_from"] for s in rep["segments"]]
-    hist = json.loads((out / "history.json").read_text())
-    for k, h in hist.items():  # steps continue from the checkpoint, never restart at 10
-        resumed = next(s["resumed_from"] for s in rep["segments"] if s["index"] == int(k))
-        assert h[0]["step"] == resumed + 10

@@ -1,6 +1,9 @@
-"""Failures: the ``debug.*`` fault hooks, and real-process fault drills on a local Ray (a worker and the teacher
-actor killed in one run; the driver kill is in test_engine.py). Checkpoint failures (truncated, foreign, fall-back on
-resume) are tested without Ray in tests/distill/test_loop.py."""
+"""The ``debug.*`` rehearsal switches (engine/faults.py): each hook on its own, and a worker and the teacher actor
+killed by their switches in one real run, as a user rehearses recovery on a cluster.
+
+The evidence that recovery works comes from kills the run does not know about, done from outside by the tests in
+test_outside_faults.py (a worker SIGKILLed, the teacher actor ray.kill-ed, the driver SIGKILLed). Checkpoint
+failures (truncated, foreign, fall-back on resume) are tested without Ray in tests/distill/test_loop.py."""
 
 from __future__ import annotations
 
@@ -63,6 +66,37 @@ def test_teacher_hook_exits_once_after_n_requests(no_exit, tmp_path):
     with pytest.raises(_Exited):
         hook(3)
     hook(4)  # the restarted actor serves on
+
+
+def test_driver_watch_exits_once_n_checkpoints_exist(monkeypatch, tmp_path):
+    import threading
+    import types
+
+    import o2mkd_ray.engine.faults as faults
+
+    exited = threading.Event()
+    monkeypatch.setattr(faults.os, "_exit", lambda code: exited.set())
+    marker = tmp_path / "killed"
+    faults.watch_driver({}, str(tmp_path))  # no switch: no watcher
+    faults.watch_driver({"kill_driver_after_checkpoints": 2, "marker": str(marker)}, "s3://bucket/run")  # not watched
+    faults.watch_driver({"kill_driver_after_checkpoints": 2, "marker": str(marker)}, str(tmp_path))
+    (tmp_path / "seg-00" / "checkpoint_000010").mkdir(parents=True)
+    assert not exited.is_set() and not marker.exists()
+    (tmp_path / "seg-01" / "checkpoint_000010").mkdir(parents=True)
+    exited.wait()
+    assert marker.read_text() == "driver killed"
+    started = []
+
+    class Recorder:  # stands in for threading.Thread inside faults only
+        def __init__(self, **kw):
+            started.append(kw)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(faults, "threading", types.SimpleNamespace(Thread=Recorder))
+    faults.watch_driver({"kill_driver_after_checkpoints": 2, "marker": str(marker)}, str(tmp_path))
+    assert started == []  # the marker says the driver was killed once already: the rerun is not watched
 
 
 def test_phase_timer_records_named_phases():
