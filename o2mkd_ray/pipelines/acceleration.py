@@ -1,8 +1,8 @@
 """Run-time acceleration of a MultiStudentUNet's students: ``torch.compile`` and the ``channels_last`` layout.
 
 Nothing here touches the weights' values or the configs: compiled modules wrap the students without replacing
-them (``state_dict`` keys and ``save_pretrained`` output stay the same), and the memory layout is undone before
-saving. Options off, the students run exactly as diffusers runs a UNet (bit-identical images).
+them (``state_dict`` keys and ``save_pretrained`` output stay the same), and ``save_pretrained`` writes
+channels_last weights in the default layout (diffusers packs each tensor contiguously before safetensors). Options off, the students run exactly as diffusers runs a UNet (bit-identical images).
 
 GPU-only options are left to the user, as with any diffusers UNet: half precision is
 ``pipe.to(torch.float16)`` (or ``torch.bfloat16``) before :meth:`MultiStudentUNet.accelerate`, and CUDA graphs

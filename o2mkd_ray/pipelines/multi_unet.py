@@ -203,19 +203,6 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         self._runners = runners if compile else None
         return self
 
-    def save_pretrained(self, *args, **kwargs):
-        """``ModelMixin.save_pretrained`` with the weights in the default layout (safetensors refuses
-        channels_last tensors, and the layout is a run-time option, not part of the model)."""
-        if not self._accel.channels_last:
-            return super().save_pretrained(*args, **kwargs)
-        for s in self.students:
-            s.to(memory_format=torch.contiguous_format)
-        try:
-            return super().save_pretrained(*args, **kwargs)
-        finally:
-            for s in self.students:
-                s.to(memory_format=torch.channels_last)
-
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
         """Predicts eps with the student that owns each timestep.
 
