@@ -1,28 +1,31 @@
-"""Sampling cost: the teacher against O2MKD students, same scheduler, steps, batch and noise, in one process.
+"""Sampling cost: the teacher against O2MKD students, same scheduler, steps and noise, by batch size, in one process.
 
-What it measures: the wall time of one whole DDIM sampling run (``--batch`` images, ``--steps`` steps) for
+What it measures: the wall time of one whole DDIM sampling run (``--steps`` steps) at each ``--batches`` size for
 
-  teacher_o2mkd  O2MKDPipeline whose only "student" is the teacher itself (the students' sampling loop, so
-                 the ratio against ``students`` isolates the network cost)
-  teacher_ddim   diffusers' DDIMPipeline on the teacher (reference: the stock loop; the same images as
-                 teacher_o2mkd)
-  students       O2MKDPipeline over N students of width ``--width`` (``students.build_student``), each step
-                 run by the student whose segment holds its timestep
+  teacher   O2MKDPipeline whose only "student" is the teacher itself (the students' sampling loop, so the
+            ratio against ``students`` isolates the network cost; its images equal DDIMPipeline's, see
+            tests/pipelines)
+  students  O2MKDPipeline over N students of width ``--width`` (``students.build_student``), each step run by
+            the student whose segment holds its timestep
 
-on the google/ddpm-cifar10-32 UNet shape (random weights: only the timing matters). Each repetition runs every
-variant once, in a rotated order (interleaved), after one warm-up run of each; medians are reported. MACs come
-from ``o2mkd_ray.core.costs.count_macs`` (batch 1), per step averaged over the students the run visits.
+each with the acceleration options off and on (``--options``, default ``channels_last``; ``compile`` adds
+``torch.compile`` per student, tens of seconds to minutes per graph and batch shape on CPU). The teacher gets
+the same options as the students so that the ratio stays fair. Shape: google/ddpm-cifar10-32 (random weights:
+only the timing matters). Per batch size, each repetition runs every variant once in a rotated order
+(interleaved), after one warm-up run of each; medians are reported. MACs: ``o2mkd_ray.core.costs.count_macs``
+(batch 1), per step averaged over the students the run visits.
 
-Target: speedup (teacher_o2mkd time / students time) >= 0.85 x (teacher MACs / student MACs) at batch 16 on
-CPU, i.e. the printed ``efficiency`` = speedup / (teacher MACs / student MACs) >= 0.85.
+efficiency = wall-time speedup (teacher / students) / MACs speedup (teacher MACs / student MACs per step).
+Targets (CPU): >= 0.9 at batch 16, >= 0.8 at batch 4. ``max_abs_diff``: images with the options on vs off.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sampling.py           # batch 16, 10 steps, 3 reps
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sampling.py --steps 2 --reps 1 --batch 4   # smoke
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sampling.py --threads 2       # batches 1,4,16,64
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sampling.py --batches 4 --steps 2 --reps 1   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -52,23 +55,34 @@ CIFAR10_DDPM_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--batch", type=int, default=16, help="images per sampling run (default 16)")
+    p.add_argument("--batches", default="1,4,16,64", help="batch sizes, comma-separated (default 1,4,16,64)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per run (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each variant (default 3)")
     p.add_argument("--width", default="0.5",
                    help="student width: one value, or one per segment comma-separated (0 = low-noise end)")
     p.add_argument("--n", type=int, default=3, help="number of students / segments (default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--no-ddim", action="store_true", help="skip the DDIMPipeline reference")
+    p.add_argument("--options", default="channels_last",
+                   help="acceleration options for the 'on' variants: channels_last, compile, or both comma-"
+                        "separated; 'none' times the options-off variants only (default channels_last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return p.parse_args(argv)
 
 
+def options(text: str) -> dict:
+    """``--options`` as ``accelerate`` keyword arguments ({} for 'none')."""
+    names = {o.strip() for o in text.split(",") if o.strip() and o.strip() != "none"}
+    unknown = names - {"channels_last", "compile"}
+    if unknown:
+        sys.exit(f"--options: unknown {sorted(unknown)}; use channels_last, compile or none")
+    return {name: True for name in sorted(names)}
+
+
 def build(args):
     """The teacher, the students and the pipelines to time, plus the MACs of each network."""
     import torch
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler, UNet2DModel
 
     from o2mkd_ray import MultiStudentUNet, O2MKDPipeline, Segments
     from o2mkd_ray.core.costs import count_macs, count_params
@@ -89,16 +103,16 @@ def build(args):
         return DDIMScheduler(**CIFAR10_DDPM_SCHEDULER)
 
     whole = (0, segments.boundaries[-1])  # one segment: the teacher owns every timestep
-    pipes = {
-        "teacher_o2mkd": O2MKDPipeline(students=MultiStudentUNet([teacher], boundaries=whole),
-                                       scheduler=sched()),
-        "students": O2MKDPipeline(students=MultiStudentUNet(students, boundaries=segments.boundaries),
-                                  scheduler=sched()),
-    }
-    if not args.no_ddim:
-        pipes["teacher_ddim"] = DDIMPipeline(unet=teacher, scheduler=sched())
-    for p in pipes.values():
-        p.set_progress_bar_config(disable=True)
+    opts = options(args.options)
+    pipes = {}
+    for mode in (["off", "on"] if opts else ["off"]):
+        # the "on" pipelines get their own copies: the memory layout is set on the modules themselves
+        t_net, s_nets = (teacher, students) if mode == "off" else copy.deepcopy((teacher, students))
+        for name, multi in (("teacher", MultiStudentUNet([t_net], boundaries=whole)),
+                            ("students", MultiStudentUNet(s_nets, boundaries=segments.boundaries))):
+            pipe = O2MKDPipeline(students=multi, scheduler=sched())
+            pipe.set_progress_bar_config(disable=True)
+            pipes[(name, mode)] = pipe.accelerate(**opts) if mode == "on" else pipe
 
     # MACs per step of the run: the owner of each DDIM timestep, averaged over the steps
     probe = sched()
@@ -127,78 +141,76 @@ def run_once(pipe, batch: int, steps: int, seed: int):
     return time.perf_counter() - t0, images
 
 
+def time_batch(pipes: dict, batch: int, args) -> tuple[dict, dict]:
+    """Interleaved, rotated repetitions of every variant at one batch size; returns (times, first images)."""
+    for pipe in pipes.values():  # warm-up (allocator, kernels, compilation for this batch shape)
+        run_once(pipe, batch, min(args.steps, 2), args.seed)
+    names = list(pipes)
+    times: dict = {name: [] for name in names}
+    images: dict = {}
+    for r in range(args.reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no variant always first
+            dt, img = run_once(pipes[name], batch, args.steps, args.seed)
+            times[name].append(dt)
+            images.setdefault(name, img)
+        print(f"  batch {batch} rep {r + 1}/{args.reps}: "
+              + ", ".join(f"{n}/{m} {times[(n, m)][-1]:.2f}s" for n, m in names), flush=True)
+    return times, images
+
+
+def summarize(times: dict, images: dict, batch: int, macs_speedup: float) -> list[dict]:
+    """One row per options mode: medians, speedup, efficiency, and the on-vs-off image difference."""
+    import numpy as np
+
+    rows = []
+    for mode in sorted({m for _, m in times}, key=["off", "on"].index):
+        t, s = (statistics.median(times[(n, mode)]) for n in ("teacher", "students"))
+        # fastest reps too: on a shared machine, load spikes only ever add time
+        t_min, s_min = (min(times[(n, mode)]) for n in ("teacher", "students"))
+        row = {"batch": batch, "options": mode, "teacher_s": t, "students_s": s, "speedup": t / s,
+               "efficiency": t / s / macs_speedup, "efficiency_min": t_min / s_min / macs_speedup}
+        if mode == "on":
+            row["max_abs_diff"] = max(float(np.abs(images[(n, "on")] - images[(n, "off")]).max())
+                                      for n in ("teacher", "students"))
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import numpy as np
     import pandas as pd
     import torch
 
     torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
     print(f"torch threads: {torch.get_num_threads()} (--threads {args.threads}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} cores)  torch "
-          f"{torch.__version__}")
+          f"{torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     pipes, cost, segments, widths = build(args)
+    macs_speedup = 1.0 / cost["macs_ratio"]  # teacher MACs / student MACs per step
     print(f"teacher: google/ddpm-cifar10-32 shape, {cost['teacher_params'] / 1e6:.1f} M params, "
           f"{cost['teacher_macs'] / 1e9:.3f} GMACs/image; students (N={len(widths)}, boundaries "
           f"{list(segments.boundaries)}): widths {widths}, channels {cost['student_configs']}, "
           f"{[round(m / 1e9, 3) for m in cost['student_macs']]} GMACs/image")
-    print(f"DDIM timesteps {cost['timesteps']} -> students {cost['owners']}")
+    print(f"DDIM timesteps {cost['timesteps']} -> students {cost['owners']}; MACs speedup {macs_speedup:.2f}x; "
+          f"options on: {options(args.options) or 'none'}")
 
-    # warm-up: one short run of each (allocator, kernels, first-call lazy init)
-    for name, pipe in pipes.items():
-        run_once(pipe, args.batch, min(args.steps, 2), args.seed)
-    times: dict[str, list[float]] = {name: [] for name in pipes}
-    images = {}
-    names = list(pipes)
-    for r in range(args.reps):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no variant always goes first
-        for name in order:
-            dt, img = run_once(pipes[name], args.batch, args.steps, args.seed)
-            times[name].append(dt)
-            images.setdefault(name, img)
-        print(f"rep {r + 1}/{args.reps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
-
-    rows = []
-    for name in names:
-        med = statistics.median(times[name])
-        macs = cost["teacher_macs"] if name.startswith("teacher") else cost["student_macs_per_step"]
-        rows.append({"variant": name, "median_s": med, "min_s": min(times[name]),
-                     "ms_per_step": 1000 * med / args.steps, "images_per_s": args.batch / med,
-                     "gmacs_per_step": macs * args.batch / 1e9,
-                     "reps_s": " ".join(f"{t:.2f}" for t in times[name])})
-    table = pd.DataFrame(rows).set_index("variant")
-    med = table["median_s"]
-    speedup = med["teacher_o2mkd"] / med["students"]
-    macs_speedup = 1.0 / cost["macs_ratio"]  # teacher MACs / student MACs per step
-    efficiency = speedup / macs_speedup
-    speedup_min = table["min_s"]["teacher_o2mkd"] / table["min_s"]["students"]  # fastest reps: less noise
-    result = {
-        "batch": args.batch, "steps": args.steps, "reps": args.reps, "widths": widths, "n": len(widths),
-        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "times_s": times, "table": table.reset_index().to_dict(orient="records"), **cost,
-        "speedup": speedup, "macs_speedup": macs_speedup, "efficiency": efficiency,
-        "speedup_min": speedup_min, "efficiency_min": speedup_min / macs_speedup,
-        "target_efficiency": 0.85, "meets_target": bool(efficiency >= 0.85),
-    }
-    if "teacher_ddim" in med:
-        result["speedup_vs_ddim_pipeline"] = med["teacher_ddim"] / med["students"]
-        result["teacher_o2mkd_vs_ddim_images_max_abs_diff"] = float(
-            np.abs(images["teacher_o2mkd"] - images["teacher_ddim"]).max())
-
+    rows, all_times = [], {}
+    for batch in batches:
+        times, images = time_batch(pipes, batch, args)
+        all_times[batch] = {f"{n}/{m}": v for (n, m), v in times.items()}
+        rows += summarize(times, images, batch, macs_speedup)
+    table = pd.DataFrame(rows).set_index(["batch", "options"])
     with pd.option_context("display.width", 160, "display.max_columns", 20,
-                           "display.float_format", "{:.3f}".format):
+                           "display.float_format", "{:.3g}".format):
         print(table)
-    print(f"MACs ratio (student/teacher per step, over the students this run visits): "
-          f"{cost['macs_ratio']:.4f} -> MACs speedup {macs_speedup:.2f}x")
-    print(f"wall-time speedup teacher_o2mkd / students: {speedup:.2f}x (medians; from the fastest reps "
-          f"{speedup_min:.2f}x, efficiency {speedup_min / macs_speedup:.3f})")
-    if "speedup_vs_ddim_pipeline" in result:
-        print(f"wall-time speedup teacher_ddim / students: {result['speedup_vs_ddim_pipeline']:.2f}x  "
-              f"(teacher_o2mkd vs DDIMPipeline images: max |diff| "
-              f"{result['teacher_o2mkd_vs_ddim_images_max_abs_diff']:.2e})")
-    print(f"efficiency = speedup / MACs speedup = {efficiency:.3f}  (target >= 0.85 at batch 16: "
-          f"{'MET' if result['meets_target'] else 'NOT MET'}; batch {args.batch}, {args.steps} steps, "
-          f"{torch.get_num_threads()} threads)")
+    print(f"efficiency = speedup / MACs speedup ({macs_speedup:.2f}x); targets: >= 0.9 at batch 16, >= 0.8 at "
+          f"batch 4 ({args.steps} steps, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f} at the end)")
+    result = {"batches": batches, "steps": args.steps, "reps": args.reps, "widths": widths, "n": len(widths),
+              "options": options(args.options), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+              "torch": torch.__version__, "macs_speedup": macs_speedup, **cost, "times_s": all_times,
+              "table": table.reset_index().to_dict(orient="records")}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=float))

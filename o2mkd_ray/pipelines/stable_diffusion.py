@@ -151,6 +151,20 @@ class O2MKDStableDiffusionPipeline(ImportsRecordedModules, StableDiffusionPipeli
                 f"teacher: could not load the Stable Diffusion folder {str(p)!r}: {first}"
             ) from None
 
+    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None):
+        """Sampling speed-ups applied to every student at once (see :meth:`MultiStudentUNet.accelerate`);
+        ``accelerate()`` undoes them. Nothing is saved with the pipeline.
+
+        Args:
+            compile: one ``torch.compile`` wrapper per student.
+            channels_last: students' weights and inputs in ``torch.channels_last`` layout.
+            compile_kwargs: further ``torch.compile`` arguments.
+        Returns:
+            self.
+        """
+        self.unet.accelerate(compile=compile, channels_last=channels_last, compile_kwargs=compile_kwargs)
+        return self
+
     def _segment_timesteps(self, steps_per_segment) -> list[int]:
         timesteps = segment_timesteps(self.unet.config.boundaries, steps_per_segment)
         sched = type(self.scheduler)

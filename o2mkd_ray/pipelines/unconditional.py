@@ -71,6 +71,20 @@ class O2MKDPipeline(ImportsRecordedModules, DiffusionPipeline):
         super().__init__()
         self.register_modules(students=students, scheduler=scheduler)
 
+    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None):
+        """Sampling speed-ups applied to every student at once (see :meth:`MultiStudentUNet.accelerate`);
+        ``accelerate()`` undoes them. Nothing is saved with the pipeline.
+
+        Args:
+            compile: one ``torch.compile`` wrapper per student.
+            channels_last: students' weights and inputs in ``torch.channels_last`` layout.
+            compile_kwargs: further ``torch.compile`` arguments.
+        Returns:
+            self.
+        """
+        self.students.accelerate(compile=compile, channels_last=channels_last, compile_kwargs=compile_kwargs)
+        return self
+
     def _set_timesteps(self, num_inference_steps: int, steps_per_segment, device) -> None:
         sched = type(self.scheduler)
         device_kw = {"device": device} if "device" in _params(sched, "set_timesteps") else {}
