@@ -33,6 +33,8 @@ def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int | None = No
                  sd2: bool = False):
     """Writes a tiny random Stable Diffusion folder and returns the ``StableDiffusionPipeline``.
 
+    Long only by its component list: every SD component built in one place, in the order the folder lists them.
+
     Same component classes and layout as SD 1.x (CrossAttn down/up blocks, a cross-attention mid block,
     ``layers_per_block=2``, a CLIP text encoder, a KL VAE, a PNDM scheduler with SD's betas), at toy size: latents
     ``(4, sample_size, sample_size)``, images twice that. The tokenizer is byte-level, built locally (no download).

@@ -29,6 +29,9 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
                       num_buckets: int = 20, seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
     """Student-vs-teacher output error as a function of t, on the training forward process.
 
+    A little over 60 lines, most of them this docstring: the sampling, the forwards and the bucketing read best
+    together.
+
     Outputs are compared raw, in the teacher's parameterisation (ε, v or x_0: ``scheduler.config.prediction_type``).
 
     ``x_0`` are drawn from ``dataset`` with a fixed generator (the dataset has no held-out split, but the

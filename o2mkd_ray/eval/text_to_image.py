@@ -157,6 +157,8 @@ def evaluate_sd(teacher_pipe, student_pipe, prompts: list[str], *, steps: int = 
                 out_dir: str | Path | None = None, latency_repeats: int = 2, batch_size: int = 8) -> dict:
     """Compares an O2MKD Stable Diffusion pipeline with its teacher on a list of prompts.
 
+    Long by its docstring (about 35 lines); the body is a sequence of calls to the shared evaluation pieces.
+
     Both pipelines sample ``prompts`` with a fresh scheduler of the student pipeline's scheduler class and
     config (their own schedulers are restored afterwards), ``steps`` steps, the same guidance, and one
     generator per image seeded ``seed + i``, so image i starts from the same latents (B, C_lat, h, w) in both.
