@@ -61,3 +61,25 @@ def to_layout(sample: torch.Tensor, options: Acceleration) -> torch.Tensor:
     if options.channels_last and sample.ndim == 4:
         return sample.contiguous(memory_format=torch.channels_last)
     return sample
+
+
+class AcceleratesStudents:
+    """Mixin for the O2MKD pipelines: :meth:`accelerate` on the pipeline's :class:`MultiStudentUNet` component,
+    named by ``students_component`` (``students`` in the unconditional pipeline, ``unet`` in text-to-image ones)."""
+
+    students_component = "students"
+
+    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None):
+        """Sampling speed-ups applied to every student at once (see :meth:`MultiStudentUNet.accelerate`);
+        ``accelerate()`` undoes them. Nothing is saved with the pipeline.
+
+        Args:
+            compile: one ``torch.compile`` wrapper per student.
+            channels_last: students' weights and inputs in ``torch.channels_last`` layout.
+            compile_kwargs: further ``torch.compile`` arguments.
+        Returns:
+            self.
+        """
+        getattr(self, self.students_component).accelerate(compile=compile, channels_last=channels_last,
+                                                          compile_kwargs=compile_kwargs)
+        return self

@@ -27,6 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from o2mkd_ray.errors import ConfigError
+from o2mkd_ray.pipelines.acceleration import AcceleratesStudents
 from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 from o2mkd_ray.pipelines.saved import ImportsRecordedModules
 from o2mkd_ray.pipelines.unconditional import segment_timesteps
@@ -43,7 +44,7 @@ def _fresh(scheduler: SchedulerMixin) -> SchedulerMixin:
     return copy.deepcopy(scheduler)
 
 
-class O2MKDStableDiffusionPipeline(ImportsRecordedModules, StableDiffusionPipeline):
+class O2MKDStableDiffusionPipeline(ImportsRecordedModules, AcceleratesStudents, StableDiffusionPipeline):
     """Stable Diffusion with a :class:`MultiStudentUNet` in place of the UNet.
 
     Args:
@@ -60,6 +61,8 @@ class O2MKDStableDiffusionPipeline(ImportsRecordedModules, StableDiffusionPipeli
         TypeError: ``unet`` is not a :class:`MultiStudentUNet`.
         ValueError: its students take no text conditioning (no ``cross_attention_dim``).
     """
+
+    students_component = "unet"
 
     def __init__(
         self,
@@ -151,19 +154,6 @@ class O2MKDStableDiffusionPipeline(ImportsRecordedModules, StableDiffusionPipeli
                 f"teacher: could not load the Stable Diffusion folder {str(p)!r}: {first}"
             ) from None
 
-    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None):
-        """Sampling speed-ups applied to every student at once (see :meth:`MultiStudentUNet.accelerate`);
-        ``accelerate()`` undoes them. Nothing is saved with the pipeline.
-
-        Args:
-            compile: one ``torch.compile`` wrapper per student.
-            channels_last: students' weights and inputs in ``torch.channels_last`` layout.
-            compile_kwargs: further ``torch.compile`` arguments.
-        Returns:
-            self.
-        """
-        self.unet.accelerate(compile=compile, channels_last=channels_last, compile_kwargs=compile_kwargs)
-        return self
 
     def _segment_timesteps(self, steps_per_segment) -> list[int]:
         timesteps = segment_timesteps(self.unet.config.boundaries, steps_per_segment)

@@ -16,6 +16,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from o2mkd_ray.pipelines.acceleration import AcceleratesStudents
 from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 from o2mkd_ray.pipelines.saved import ImportsRecordedModules
 
@@ -57,7 +58,7 @@ def segment_timesteps(boundaries, steps_per_segment) -> list[int]:
     return timesteps
 
 
-class O2MKDPipeline(ImportsRecordedModules, DiffusionPipeline):
+class O2MKDPipeline(ImportsRecordedModules, AcceleratesStudents, DiffusionPipeline):
     """Pipeline for image generation with one student per timestep segment.
 
     Args:
@@ -71,19 +72,6 @@ class O2MKDPipeline(ImportsRecordedModules, DiffusionPipeline):
         super().__init__()
         self.register_modules(students=students, scheduler=scheduler)
 
-    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None):
-        """Sampling speed-ups applied to every student at once (see :meth:`MultiStudentUNet.accelerate`);
-        ``accelerate()`` undoes them. Nothing is saved with the pipeline.
-
-        Args:
-            compile: one ``torch.compile`` wrapper per student.
-            channels_last: students' weights and inputs in ``torch.channels_last`` layout.
-            compile_kwargs: further ``torch.compile`` arguments.
-        Returns:
-            self.
-        """
-        self.students.accelerate(compile=compile, channels_last=channels_last, compile_kwargs=compile_kwargs)
-        return self
 
     def _set_timesteps(self, num_inference_steps: int, steps_per_segment, device) -> None:
         sched = type(self.scheduler)
