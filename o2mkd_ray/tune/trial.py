@@ -27,13 +27,14 @@ log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # a trial's own actor; Tune rejects {"CPU": 0}, and the trial itself only waits on its trainers
 
 
-def sampling_cost(cfg: Config, teacher, shape) -> dict:
+def sampling_cost(cfg: Config, teacher, shape, scheduler_config=None) -> dict:
     """Sampling MACs of the O2MKD students relative to the teacher, for one run of the config's sampler.
 
     ``cost`` is :func:`o2mkd_ray.core.costs.sampling_cost`'s ratio (what ``report.json`` calls
     ``macs_ratio_per_step``): each of the ``sampling.steps`` timesteps of ``sampling.scheduler`` runs on the
-    student owning it. Students are built on the meta device (shapes only); the teacher's noise schedule is
-    read with :func:`~o2mkd_ray.core.teacher.load_teacher` because the timesteps depend on it.
+    student owning it. Students are built on the meta device (shapes only). The timesteps depend on the teacher's
+    noise schedule: ``scheduler_config`` when the caller has it, else read with
+    :func:`~o2mkd_ray.core.teacher.load_teacher`.
 
     Returns:
         ``cost``, ``macs`` (per student), ``teacher_macs``, ``params`` (per student), ``steps_per_student``.
@@ -53,7 +54,7 @@ def sampling_cost(cfg: Config, teacher, shape) -> dict:
         students = build_students(scratch, teacher, seg.n)
     students = [forward_cost(s, shape) for s in students]
     t_macs = forward_cost(teacher, shape)["macs"]
-    schedule = load_teacher(cfg.teacher)[1].config
+    schedule = scheduler_config if scheduler_config is not None else load_teacher(cfg.teacher)[1].config
     timesteps = sampler_timesteps(cfg.sampling.scheduler, schedule, cfg.sampling.steps)
     run = run_cost([s["macs"] for s in students], t_macs, seg.boundaries, timesteps)
     return {"cost": float(run["macs_ratio"]), "macs": [s["macs"] for s in students], "teacher_macs": t_macs,
@@ -248,7 +249,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         return  # stopped before it started
     teacher, scheduler = load_teacher(cfg.teacher)
     shape = sample_shape(teacher, cfg.data.channels, cfg.data.resolution)
-    cost = sampling_cost(cfg, teacher, shape)
+    cost = sampling_cost(cfg, teacher, shape, scheduler.config)  # the teacher is loaded: no second load
     tracker = start_trial_tracker(ctx, cfg, out, trial_id)
     extra = {"cost": cost["cost"], "n": cfg.segments.n, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
     progress = TrialProgress(cfg.segments.n, cfg.train.steps, extra, tune.report)

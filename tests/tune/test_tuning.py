@@ -390,6 +390,7 @@ def test_objective_and_cost_on_a_built_pipeline(tiny_overrides, tmp_path):
         fid = objective_value(cfg, out, "fidelity", teacher, sched, images=2, steps=3)
         assert agree["quality"] == agree["agreement_mse"] and fid["quality"] == fid["fidelity_mse"]
         cost = sampling_cost(cfg, teacher, (1, 8, 8))
+        assert sampling_cost(cfg, teacher, (1, 8, 8), sched.config) == cost  # the trial's path: no teacher reload
         real = [costs(s, (1, 8, 8))["macs"] for s in students]  # what report.json counts, on real weights
         assert cost["macs"] == real and cost["teacher_macs"] == costs(teacher, (1, 8, 8))["macs"]
         assert cost["steps_per_student"] == [2, 2]  # tiny: DDIM 4 steps 750, 500 -> student 1; 250, 0 -> student 0
