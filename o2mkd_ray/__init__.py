@@ -21,7 +21,7 @@ _LAZY = {
     "run_distillation": "o2mkd_ray.engine.driver",
     "evaluate_run": "o2mkd_ray.eval.evaluate",
     "evaluate_sd": "o2mkd_ray.eval.text_to_image",
-    "clip_score": "o2mkd_ray.eval.text_to_image",
+    "clip_score": "o2mkd_ray.eval.clip",
 }
 __all__ = ["MultiStudentUNet", "O2MKDPipeline", "O2MKDStableDiffusionPipeline", "Segments", "clip_score",
            "evaluate_run", "evaluate_sd", "load_config", "run_distillation", "__version__"]

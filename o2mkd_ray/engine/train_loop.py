@@ -35,7 +35,7 @@ from o2mkd_ray.distill.distiller import SegmentDistiller
 log = logging.getLogger(__name__)
 
 # restore_checkpoint: its home before distill/
-__all__ = ["param_digest", "restore_checkpoint", "train_loop_per_worker"]
+__all__ = ["param_digest", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(config: dict) -> dict:

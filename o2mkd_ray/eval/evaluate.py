@@ -14,7 +14,7 @@ from o2mkd_ray.eval.fid import REFERENCE_IMAGES
 from o2mkd_ray.eval.text_to_image import evaluate_sd_run
 from o2mkd_ray.eval.unconditional import Options, evaluate_unconditional
 
-__all__ = ["evaluate_run", "evaluate_sd_run"]
+__all__ = ["evaluate_run"]
 
 
 def _check_run_folder(out) -> Path:

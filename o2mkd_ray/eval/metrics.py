@@ -20,7 +20,7 @@ from o2mkd_ray.eval.fid import FID_SEED_OFFSET
 from o2mkd_ray.eval.measures import PSNR_CAP_DB, image_fidelity, paired_latency, sample_shape_of
 from o2mkd_ray.eval.sampling import sampling_state, student_images, teacher_images
 
-__all__ = ["PSNR_CAP_DB", "latency", "pipe_sample_shape", "segment_summary", "teacher_agreement",
+__all__ = ["latency", "pipe_sample_shape", "segment_summary", "teacher_agreement",
            "trajectory_fidelity"]
 
 

@@ -30,7 +30,7 @@ from o2mkd_ray.eval.measures import (
 from o2mkd_ray.eval.report import finish_report, write_report
 from o2mkd_ray.eval.sampling import sample_images, sampling_state, save_grid, scheduler_copy
 
-__all__ = ["PSNR_CAP_DB", "clip_score", "evaluate_sd", "evaluate_sd_run"]
+__all__ = ["evaluate_sd", "evaluate_sd_run"]
 
 
 def _checked_inputs(prompts, negative_prompt, clip_model, **ints: tuple[int, int]) -> tuple[list, list | None]:

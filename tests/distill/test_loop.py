@@ -345,7 +345,7 @@ class _FakeCheckpoint:
 
 
 def test_restore_falls_back_to_the_previous_checkpoint(ckpts):
-    from o2mkd_ray.engine.train_loop import restore_checkpoint
+    from o2mkd_ray.distill.checkpoints import restore_checkpoint
 
     cfg, _, _, _, c4 = ckpts
     w = c4 / "student" / "diffusion_pytorch_model.safetensors"

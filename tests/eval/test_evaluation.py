@@ -35,7 +35,8 @@ from o2mkd_ray.eval.fid import (
     kernel_inception_distance,
     random_conv_features,
 )
-from o2mkd_ray.eval.metrics import PSNR_CAP_DB, segment_summary, teacher_agreement, trajectory_fidelity
+from o2mkd_ray.eval.measures import PSNR_CAP_DB
+from o2mkd_ray.eval.metrics import segment_summary, teacher_agreement, trajectory_fidelity
 from o2mkd_ray.pipelines.build import build_pipeline
 from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 from o2mkd_ray.pipelines.unconditional import O2MKDPipeline

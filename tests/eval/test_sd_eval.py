@@ -11,7 +11,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from o2mkd_ray.core.fixtures import byte_vocab, make_tiny_sd
 from o2mkd_ray.errors import ConfigError
-from o2mkd_ray.eval.text_to_image import clip_score, evaluate_sd
+from o2mkd_ray.eval.clip import clip_score
+from o2mkd_ray.eval.text_to_image import evaluate_sd
 from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
 
