@@ -10,6 +10,8 @@ from typing import Self
 import torch
 from torch import Tensor, nn
 
+from o2mkd_ray.core.conditioning import cond_kwargs
+
 
 def hookable_blocks(model: nn.Module) -> list[str]:
     """Names of the UNet blocks whose outputs feature KD can match, in forward order.
@@ -95,20 +97,27 @@ class FeatureHooks:
         self.remove()
 
 
-def dummy_cond(model: nn.Module, batch: int = 1) -> Tensor | None:
-    """Zero text embeddings ``(batch, 1, cross_attention_dim)`` for probing a conditional UNet's feature shapes
-    (they do not depend on the text length); None for an unconditional one."""
+def dummy_cond(model: nn.Module, batch: int = 1, seq_len: int = 1):
+    """A zero condition for probing a conditional UNet's feature shapes and costs (they do not depend on the
+    text): text embeddings ``(batch, seq_len, cross_attention_dim)``, plus SDXL's pooled ``text_embeds`` and
+    ``time_ids`` (a dict, :mod:`o2mkd_ray.core.conditioning`) when the UNet has ``addition_embed_type="text_time"``;
+    None for an unconditional UNet."""
     cfg = getattr(model, "config", None)
     dim = cfg.get("cross_attention_dim") if hasattr(cfg, "get") else None
     if not dim:
         return None
     p = next(model.parameters())
-    return torch.zeros(batch, 1, int(dim), device=p.device, dtype=p.dtype)
+    text = torch.zeros(batch, seq_len, int(dim), device=p.device, dtype=p.dtype)
+    if cfg.get("addition_embed_type") != "text_time":
+        return text
+    n_time = 6 * int(cfg["addition_time_embed_dim"])  # SDXL: 6 time ids, each embedded in addition_time_embed_dim
+    pooled = int(cfg["projection_class_embeddings_input_dim"]) - n_time
+    return {"encoder_hidden_states": text, "text_embeds": torch.zeros(batch, pooled, device=p.device, dtype=p.dtype),
+            "time_ids": torch.zeros(batch, 6, device=p.device, dtype=p.dtype)}
 
 
 def _call(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-    cond = dummy_cond(model, x_t.shape[0])
-    out = model(x_t, t) if cond is None else model(x_t, t, encoder_hidden_states=cond)
+    out = model(x_t, t, **cond_kwargs(dummy_cond(model, x_t.shape[0])))
     return getattr(out, "sample", out[0] if isinstance(out, tuple) else out)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from o2mkd_ray.config.schema import TeacherConfig
+from o2mkd_ray.core.conditioning import cond_kwargs
 from o2mkd_ray.core.features import FeatureHooks, dummy_cond, hookable_blocks
 from o2mkd_ray.core.targets import check_prediction_type, prediction_type
 from o2mkd_ray.errors import ConfigError
@@ -166,7 +167,8 @@ class TeacherFn:
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False, cond: torch.Tensor | None = None):
-        """``x_t: (B, C, H, W)``, ``t: (B,)``, ``cond``: text embeddings ``(B, L, D)`` for a conditional UNet."""
+        """``x_t: (B, C, H, W)``, ``t: (B,)``, ``cond``: a conditional UNet's condition (text embeddings
+        ``(B, L, D)``, or a dict with SDXL's ``text_embeds`` / ``time_ids`` too; :mod:`o2mkd_ray.core.conditioning`)."""
         x_t = x_t.to(self.device)
         t = t.to(self.device)
         kw = cond_kwargs(cond, self.device, self.dtype)
@@ -187,13 +189,6 @@ class TeacherFn:
         _, feats = self(x, torch.zeros(1, dtype=torch.long, device=self.device), features=True,
                         cond=dummy_cond(self.model))
         return {k: int(v.shape[1]) for k, v in feats.items()}
-
-
-def cond_kwargs(cond: torch.Tensor | None, device=None, dtype: torch.dtype | None = None) -> dict:
-    """The forward kwargs of a conditional UNet for text embeddings ``cond`` (``{}`` when None)."""
-    if cond is None:
-        return {}
-    return {"encoder_hidden_states": cond.to(device=device, dtype=dtype if dtype is not None else cond.dtype)}
 
 
 def read_json_config(path: Path, key: str) -> dict:

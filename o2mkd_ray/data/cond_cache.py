@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from o2mkd_ray.core.atomic import replace_file
+from o2mkd_ray.core.conditioning import COND_NAMES, as_dict, cond_batch, cond_cat, cond_map, cond_slice
 from o2mkd_ray.core.sd import encode_images, encode_prompts, load_sd_components, vae_scale_factor
 from o2mkd_ray.errors import ConfigError
 
@@ -26,8 +27,8 @@ def cond_cache_key(cfg) -> str:
 
 
 @torch.no_grad()
-def synthesize_latents(teacher, scheduler_config, embeds: torch.Tensor, uncond: torch.Tensor, shape, steps: int,
-                       guidance: float, seed: int, batch_size: int = 16) -> torch.Tensor:
+def synthesize_latents(teacher, scheduler_config, cond, uncond, shape, steps: int, guidance: float, seed: int,
+                       batch_size: int = 16) -> torch.Tensor:
     """Data-free x_0: the teacher's own samples for each caption (DDIM, classifier-free guidance), in latent space.
 
     The DDIM scheduler is built from ``scheduler_config``, so it reads the teacher's output as the config's
@@ -37,7 +38,8 @@ def synthesize_latents(teacher, scheduler_config, embeds: torch.Tensor, uncond: 
     Args:
         teacher: the teacher callable ``teacher(x_t, t, features=False, cond=...) -> (out, _)`` (in-process or the
             Ray teacher service, so the sampling runs where the teacher lives).
-        embeds: ``(N, L, D)`` caption embeddings; ``uncond``: ``(1, L, D)`` the empty prompt's.
+        cond: the N captions' condition (text embeddings ``(N, L, D)``, or SDXL's dict,
+            :mod:`o2mkd_ray.core.conditioning`); ``uncond``: the empty prompt's, batch 1, same form.
         shape: latent shape ``(C, h, w)``.
     Returns:
         ``(N, C, h, w)`` latents.
@@ -47,16 +49,17 @@ def synthesize_latents(teacher, scheduler_config, embeds: torch.Tensor, uncond: 
     sched = DDIMScheduler.from_config(scheduler_config)
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, embeds.shape[0], batch_size):
-        e = embeds[i:i + batch_size]
-        b = e.shape[0]
+    for i in range(0, cond_batch(cond), batch_size):
+        c = cond_slice(cond, i, i + batch_size)
+        b = cond_batch(c)
         x = torch.randn((b, *shape), generator=g) * sched.init_noise_sigma
         sched.set_timesteps(steps)
-        cond = torch.cat([uncond.expand(b, -1, -1), e]) if guidance > 1 else e
+        if guidance > 1:
+            c = cond_cat([cond_map(uncond, lambda u, b=b: u.expand(b, *u.shape[1:])), c])
         for t in sched.timesteps:
             x_in = torch.cat([x, x]) if guidance > 1 else x
             eps, _ = teacher(sched.scale_model_input(x_in, t), torch.full((x_in.shape[0],), int(t)), features=False,
-                             cond=cond)
+                             cond=c)
             if guidance > 1:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
@@ -65,13 +68,67 @@ def synthesize_latents(teacher, scheduler_config, embeds: torch.Tensor, uncond: 
     return torch.cat(out)
 
 
-def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir=None, log=print) -> dict:
-    """Caption latents and text embeddings for a Stable Diffusion teacher, cached in ``cache_dir``.
+# Cached array name -> (which condition, conditioning name): SD 1.x/2.x has the first and fourth only.
+ARRAYS = {"embeds": ("cond", "encoder_hidden_states"), "pooled": ("cond", "text_embeds"),
+          "time_ids": ("cond", "time_ids"), "uncond": ("uncond", "encoder_hidden_states"),
+          "uncond_pooled": ("uncond", "text_embeds"), "uncond_time_ids": ("uncond", "time_ids")}
 
-    Captions come from ``data.*`` (:func:`o2mkd_ray.data.captions.read_captions`); their embeddings from the teacher's text
-    encoder (exactly as the SD pipeline encodes prompts). With images, x_0 are VAE latents of the images (resized to
-    the teacher's resolution); without, the teacher samples one latent per caption (``data.synth_steps`` DDIM steps,
-    guidance ``data.synth_guidance``).
+
+def _encode_captions(cfg, prompts: list[str], size: int, device):
+    """``(cond, uncond, vae)``: the captions' and the empty prompt's conditions as the teacher's pipeline builds
+    them (SD: a text embedding tensor; SDXL: a dict with pooled embeddings and time ids), and the teacher's VAE."""
+    from o2mkd_ray.core.teacher import teacher_kind
+
+    spec = cfg.teacher.pretrained
+    if teacher_kind(cfg.teacher) == "stable_diffusion_xl":
+        from o2mkd_ray.core.sdxl import encode_sdxl_prompts, load_sdxl_components
+
+        pipe = load_sdxl_components(spec)
+        pipe.text_encoder.to(device)
+        pipe.text_encoder_2.to(device)
+        res = size * vae_scale_factor(pipe.vae)
+        cond, uncond = encode_sdxl_prompts(pipe, prompts, res, res)
+        return cond, uncond, pipe.vae
+    parts = load_sd_components(spec)
+    parts["text_encoder"].to(device)
+    return (encode_prompts(parts["tokenizer"], parts["text_encoder"], prompts),
+            encode_prompts(parts["tokenizer"], parts["text_encoder"], [""]), parts["vae"])
+
+
+def _arrays(cond, uncond) -> dict:
+    """The conditions as named cache arrays (:data:`ARRAYS`)."""
+    both = {"cond": as_dict(cond), "uncond": as_dict(uncond)}
+    return {n: both[which][name].contiguous() for n, (which, name) in ARRAYS.items() if name in both[which]}
+
+
+def _view(a) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory (arrays from Ray's object store are read-only: torch warns, nothing writes)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def conditions(cond_data: dict):
+    """``(cond, uncond)`` torch conditions (:mod:`o2mkd_ray.core.conditioning`) of a cache's arrays: the N captions'
+    and the empty prompt's (batch 1). Zero-copy views of the arrays."""
+    parts: dict = {"cond": {}, "uncond": {}}
+    for n, (which, name) in ARRAYS.items():
+        if n in cond_data:
+            parts[which][name] = _view(cond_data[n])
+    simple = lambda d: d["encoder_hidden_states"] if len(d) == 1 else d  # noqa: E731 - SD: the bare tensor
+    return simple(parts["cond"]), simple(parts["uncond"])
+
+
+def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir=None, log=print) -> dict:
+    """Caption latents and conditions for a text-to-image teacher (SD 1.x/2.x, SDXL), cached in ``cache_dir``.
+
+    Captions come from ``data.*`` (:func:`o2mkd_ray.data.captions.read_captions`); their conditions from the
+    teacher's text encoder(s), exactly as its pipeline encodes prompts (SDXL: both encoders, the pooled embedding
+    and the micro-conditioning time ids for the teacher's resolution). With images, x_0 are VAE latents of the
+    images (resized to the teacher's resolution); without, the teacher samples one latent per caption
+    (``data.synth_steps`` DDIM steps, guidance ``data.synth_guidance``).
 
     Args:
         teacher_unet: the teacher UNet2DConditionModel (its latent shape; samples in-process if ``teacher`` is None).
@@ -79,8 +136,9 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
         teacher: optional teacher callable (e.g. the Ray teacher service) for the synthesis.
         cache_dir: a folder; the cache file is reused when its key matches, written atomically otherwise.
     Returns:
-        ``{"latents": (N, C, h, w), "embeds": (N, L, D), "uncond": (1, L, D)}`` float32 numpy arrays and
-        ``"prompts"``: the N captions.
+        float32 numpy arrays ``"latents"`` (N, C, h, w), ``"embeds"`` (N, L, D), ``"uncond"`` (1, L, D), for SDXL
+        also ``"pooled"`` (N, P), ``"uncond_pooled"`` (1, P), ``"time_ids"`` (N, 6), ``"uncond_time_ids"``
+        (1, 6) (:data:`ARRAYS`; :func:`conditions` turns them into conditions), and ``"prompts"``: the N captions.
     """
 
     from safetensors.torch import save_file
@@ -96,25 +154,21 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
     if df.empty:
         raise ConfigError("data: no captions found; check data.path / data.name and data.caption_key")
     prompts = df["caption"].tolist()
-    spec = cfg.teacher.pretrained
-    parts = load_sd_components(spec)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the driver's GPU when it has one
-    parts["text_encoder"].to(device)
-    embeds = encode_prompts(parts["tokenizer"], parts["text_encoder"], prompts)
-    uncond = encode_prompts(parts["tokenizer"], parts["text_encoder"], [""])
     c = teacher_unet.config
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
     shape = (c.in_channels, size, size)
+    cond, uncond, vae = _encode_captions(cfg, prompts, size, device)
     if "image" in df:
-        latents = _encode_caption_images(list(df["image"]), parts["vae"].to(device), size, cfg.train.seed, log)
+        latents = _encode_caption_images(list(df["image"]), vae.to(device), size, cfg.train.seed, log)
     else:
         from o2mkd_ray.core.teacher import TeacherFn
 
         log(f"text-to-image data: no images; sampling {len(prompts)} latents with the teacher "
             f"({cfg.data.synth_steps} DDIM steps, guidance {cfg.data.synth_guidance})")
-        latents = synthesize_latents(teacher or TeacherFn(teacher_unet, []), scheduler_config, embeds, uncond, shape,
+        latents = synthesize_latents(teacher or TeacherFn(teacher_unet, []), scheduler_config, cond, uncond, shape,
                                      cfg.data.synth_steps, cfg.data.synth_guidance, cfg.train.seed)
-    out = {"latents": latents.float().contiguous(), "embeds": embeds.contiguous(), "uncond": uncond.contiguous()}
+    out = {"latents": latents.float().contiguous(), **_arrays(cond, uncond)}
     if path is not None:
         with replace_file(path) as tmp:
             save_file(out, str(tmp), metadata={"key": key, "prompts": json.dumps(prompts)})
@@ -132,8 +186,7 @@ def _read_cache(path: Path, key: str, log) -> dict | None:
         if meta.get("key") != key:
             return None
         log(f"text-to-image data: reusing cache {path.name}")
-        return {**{n: f.get_tensor(n).numpy() for n in ("latents", "embeds", "uncond")},
-                "prompts": json.loads(meta["prompts"])}
+        return {**{n: f.get_tensor(n).numpy() for n in f.keys()}, "prompts": json.loads(meta["prompts"])}
 
 
 def _encode_caption_images(items: list, vae, size: int, seed: int, log) -> torch.Tensor:
@@ -151,18 +204,17 @@ def _encode_caption_images(items: list, vae, size: int, seed: int, log) -> torch
 
 
 def cond_dataset(cond_data: dict):
-    """From :func:`build_cond_data`'s output: a TensorDataset of ``(x_0 latent (C, h, w), text embedding (L, D))``
-    and the empty prompt's embedding ``(1, L, D)`` (the condition dropout's stand-in).
+    """From :func:`build_cond_data`'s output: a TensorDataset of ``(x_0 latent (C, h, w), text embedding (L, D)
+    [, pooled (P,), time ids (6,)])`` (the :data:`~o2mkd_ray.core.conditioning.COND_NAMES` order) and the empty
+    prompt's condition, batch 1 (the condition dropout's stand-in).
 
     No copy of the dataset: arrays fetched from Ray's object store are read-only views of shared memory, so every
     worker on a node shares one copy (COCO30K at SD 1.x size: 2 GB of latents + 7 GB of embeddings); batches are
     new tensors anyway.
     """
-    import warnings
-
     from torch.utils.data import TensorDataset
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        data = TensorDataset(torch.from_numpy(cond_data["latents"]), torch.from_numpy(cond_data["embeds"]))
-    return data, torch.from_numpy(cond_data["uncond"].copy())
+    cond, uncond = conditions(cond_data)
+    d = as_dict(cond)
+    data = TensorDataset(_view(cond_data["latents"]), *[d[n] for n in COND_NAMES if n in d])
+    return data, cond_map(uncond, lambda v: v.clone())

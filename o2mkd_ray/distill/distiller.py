@@ -13,11 +13,11 @@ from torch import nn
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_dir, write_json
+from o2mkd_ray.core.conditioning import cond_batch, cond_kwargs, cond_where, from_items
 from o2mkd_ray.core.features import FeatureHooks, hookable_blocks, probe_feature_channels
 from o2mkd_ray.core.kd import KDLoss
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.targets import task_target
-from o2mkd_ray.core.teacher import cond_kwargs
 from o2mkd_ray.data.images import random_flip
 from o2mkd_ray.distill.checkpoints import MANIFEST, TRAIN_STATE, config_hash, hash_files, verify_checkpoint
 from o2mkd_ray.distill.ema import EMA
@@ -92,12 +92,13 @@ class SegmentDistiller:
         x_t = self.scheduler.add_noise(x_0, eps, t)
         return x_t, t, task_target(self.scheduler, x_0, eps, t)
 
-    def make_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None):
-        """Text embeddings ``(B, L, D)`` with each row swapped for the empty prompt's with prob ``data.uncond_prob``."""
+    def make_cond(self, cond, generator: torch.Generator | None = None):
+        """The batch's condition (:mod:`o2mkd_ray.core.conditioning`) with each sample's swapped for the empty
+        prompt's with prob ``data.uncond_prob``."""
         if cond is None or self.uncond is None or self.cfg.data.uncond_prob <= 0:
             return cond
-        drop = torch.rand(cond.shape[0], generator=generator or self.gen) < self.cfg.data.uncond_prob  # (B,)
-        return torch.where(drop.view(-1, 1, 1), self.uncond.to(cond.dtype).expand_as(cond), cond)
+        drop = torch.rand(cond_batch(cond), generator=generator or self.gen) < self.cfg.data.uncond_prob  # (B,)
+        return cond_where(drop, self.uncond, cond)
 
     def _forward(self, model: nn.Module, x_t, t, cond=None):
         out = model(x_t.to(self.device), t.to(self.device), **cond_kwargs(cond, self.device))
@@ -107,7 +108,7 @@ class SegmentDistiller:
         """One AdamW step on the KD loss; returns the loss terms, lr and grad norm.
 
         ``target``: the task target from :meth:`make_inputs`; ``eps_T``: the teacher's raw output (ε, v or x_0);
-        ``cond``: ``(B, L, D)`` or None.
+        ``cond``: the batch's condition (text embeddings ``(B, L, D)``, a dict for SDXL) or None.
         """
         self.model.train()
         if self.hooks is not None:
@@ -187,7 +188,7 @@ def fixed_val_batches(distiller: SegmentDistiller, dataset, teacher: TeacherCall
         idx = torch.randint(0, len(dataset), (batch_size,), generator=g)
         items = [dataset[int(i)] for i in idx]
         x_0 = torch.stack([it[0] for it in items])
-        cond = torch.stack([it[1] for it in items]) if len(items[0]) > 1 else None  # (B, L, D)
+        cond = from_items([torch.stack([it[j] for it in items]) for j in range(1, len(items[0]))])
         t = distiller.segments.sample_t(distiller.k, batch_size, generator=g)
         eps = torch.randn(x_0.shape, generator=g)
         x_t = distiller.scheduler.add_noise(x_0, eps, t)

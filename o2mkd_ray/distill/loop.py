@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from o2mkd_ray.config.schema import Config
+from o2mkd_ray.core.conditioning import from_items
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.distill.checkpoints import checkpoint_name, restore_checkpoint
 from o2mkd_ray.distill.distiller import SegmentDistiller, TeacherCallable, fixed_val_batches
@@ -39,7 +40,7 @@ def segment_batches(cfg: Config, k: int, dataset, batch_size: int,
 def _next_inputs(dist: SegmentDistiller, batches: Iterator[tuple], teacher):
     x_0, *rest = next(batches)
     x_t, t, eps = dist.make_inputs(x_0)
-    cond = dist.make_cond(rest[0]) if rest else None  # (B, L, D) text embeddings, or None
+    cond = dist.make_cond(from_items(rest))  # text embeddings (B, L, D) (+ SDXL's added conditions), or None
     pending = teacher.submit(x_t, t, features=bool(dist.blocks), **({} if cond is None else {"cond": cond}))
     return x_t, t, eps, cond, pending
 

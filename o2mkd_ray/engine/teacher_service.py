@@ -22,6 +22,7 @@ import ray
 import torch
 
 from o2mkd_ray.config.schema import Config, TeacherConfig
+from o2mkd_ray.core.conditioning import cond_cat, cond_key, cond_map, to_numpy, to_torch
 from o2mkd_ray.engine.faults import teacher_hook
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class _Server:
     def _forward(self, x: np.ndarray, t: np.ndarray, features: bool, cond: np.ndarray | None = None):
         t0 = time.perf_counter()
         eps, feats = self.fn(torch.from_numpy(x), torch.from_numpy(t), features=features,
-                             cond=None if cond is None else torch.from_numpy(cond))
+                             cond=to_torch(cond))
         out = (eps.cpu().numpy(), {k: v.cpu().numpy() for k, v in feats.items()} if feats else None)
         with self._busy_lock:
             self.stats["busy_s"] += time.perf_counter() - t0
@@ -84,8 +85,9 @@ class _Server:
         return out
 
     async def predict(self, x_t: np.ndarray, t: np.ndarray, features: bool = False, client: str = "",
-                      cond: np.ndarray | None = None):
-        """``x_t: (B, C, H, W)``, ``t: (B,)``, ``cond: (B, L, D)`` text embeddings (conditional teachers) numpy →
+                      cond: np.ndarray | dict | None = None):
+        """``x_t: (B, C, H, W)``, ``t: (B,)``, ``cond``: a conditional teacher's condition as numpy (text
+        embeddings ``(B, L, D)``, or a dict with SDXL's ``text_embeds`` / ``time_ids``) →
         ``(eps_T, feats_T | None)`` numpy."""
         self.stats["requests"] += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
@@ -94,7 +96,7 @@ class _Server:
             self.on_request(self.stats["requests"])
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((np.asarray(x_t), np.asarray(t), bool(features), fut,
-                           None if cond is None else np.asarray(cond), client))
+                           cond_map(cond, np.asarray), client))
         if self._drainers < self.max_concurrency:  # a free forward slot: start a drainer for it
             self._drainers += 1
             asyncio.get_running_loop().create_task(self._drain())
@@ -110,14 +112,14 @@ class _Server:
                 take, n = [], 0
                 # one forward takes requests of one kind (with / without text embeddings) and one text length
                 while self.queue and (not take or (n + self.queue[0][0].shape[0] <= self.max_batch
-                                                   and _cond_key(self.queue[0][4]) == _cond_key(take[0][4]))):
+                                                   and cond_key(self.queue[0][4]) == cond_key(take[0][4]))):
                     item = self.queue.pop(0)
                     take.append(item)
                     n += item[0].shape[0]
                 x = np.concatenate([q[0] for q in take])  # (sum B, C, H, W)
                 t = np.concatenate([q[1] for q in take])
                 feats = any(q[2] for q in take)
-                cond = None if take[0][4] is None else np.concatenate([q[4] for q in take])  # (sum B, L, D)
+                cond = cond_cat([q[4] for q in take])  # (sum B, L, D) (+ SDXL's added conditions)
                 try:
                     eps, fts = await asyncio.get_running_loop().run_in_executor(self.pool, self._forward, x, t, feats,
                                                                                 cond)
@@ -134,10 +136,6 @@ class _Server:
                     i = j
         finally:
             self._drainers -= 1
-
-
-def _cond_key(cond: np.ndarray | None):
-    return None if cond is None else tuple(cond.shape[1:])
 
 
 def start_teacher(tcfg: TeacherConfig, run_id: str, feature_blocks: list[str] | None,
@@ -212,7 +210,7 @@ class TeacherClient:
     def submit(self, x_t: torch.Tensor, t: torch.Tensor, features: bool = False, cond: torch.Tensor | None = None):
         name = self.rng.choice(self.names)  # spread load over replicas
         args = (x_t.detach().cpu().numpy(), t.detach().cpu().numpy(), features, self.client,
-                None if cond is None else cond.detach().cpu().numpy())
+                to_numpy(cond))
         return (name, args, self._handle(name).predict.remote(*args), time.perf_counter())
 
     def result(self, pending) -> tuple[torch.Tensor, dict | None]:
