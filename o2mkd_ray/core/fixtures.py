@@ -1,6 +1,7 @@
 """Tiny random model folders built locally (no hub): the offline demos' and the tests' teachers.
 
-``python -m o2mkd_ray.core.fixtures FOLDER`` writes a tiny Stable Diffusion folder (``pipelines/sd_tiny.yaml``).
+``python -m o2mkd_ray.core.fixtures FOLDER`` writes a tiny Stable Diffusion folder (``pipelines/sd_tiny.yaml``);
+``python -m o2mkd_ray.core.fixtures --sdxl FOLDER`` a tiny Stable Diffusion XL one.
 """
 
 from __future__ import annotations
@@ -93,10 +94,83 @@ def make_tiny_sd(folder: str | Path, seed: int = 0, sample_size: int | None = No
     return pipe
 
 
-if __name__ == "__main__":  # python -m o2mkd_ray.core.fixtures FOLDER: the tiny offline SD folder (pipelines/sd_tiny.yaml)
+def make_tiny_sdxl(folder: str | Path, seed: int = 0, sample_size: int = 8, block_out_channels=(16, 32),
+                   text_dim: int = 16, max_length: int = 77):
+    """Writes a tiny random Stable Diffusion XL folder and returns the ``StableDiffusionXLPipeline``.
+
+    Long only by its component list: every SDXL component built in one place, in the order the folder lists them.
+
+    SDXL's layout at toy size: no attention in the first stage, ``transformer_layers_per_block`` growing with depth
+    (``[1, 2]``, the mid block taking the last), linear projections, head counts per block, and the ``text_time``
+    added conditioning (pooled text embeddings + 6 size/crop ids, each id embedded in ``addition_time_embed_dim``).
+    Two CLIP text encoders (a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``) whose penultimate hidden
+    states are concatenated into ``cross_attention_dim = 2 * text_dim``, byte-level tokenizers built locally (no
+    download), a KL VAE (images twice the latent size) and SDXL's default ``EulerDiscreteScheduler``.
+
+    Args:
+        folder: where to write it.
+        seed: the weights' seed.
+        sample_size: latent size (images are ``2 * sample_size`` pixels).
+        block_out_channels: the UNet's channels per stage (two stages).
+        text_dim: each text encoder's width (and the second one's projection dim).
+        max_length: the tokenizers' length.
+    Returns:
+        The pipeline written (its VAE still in training mode: load the folder back for bit-exact comparisons).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    time_dim = 8  # addition_time_embed_dim: each of the 6 time ids becomes 8 sinusoidal features
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=list(block_out_channels), down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2],
+        attention_head_dim=[2, 4], use_linear_projection=True, cross_attention_dim=2 * text_dim,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=text_dim + 6 * time_dim, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16], norm_num_groups=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=2 * sample_size,
+    )
+    tokenizers = [CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=max_length) for _ in range(2)]
+    text_cfg = {"vocab_size": len(tokenizers[0]), "hidden_size": text_dim, "intermediate_size": 2 * text_dim,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": max_length,
+                "projection_dim": text_dim, "bos_token_id": tokenizers[0].bos_token_id,
+                "eos_token_id": tokenizers[0].eos_token_id, "pad_token_id": tokenizers[0].pad_token_id}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon",
+        use_karras_sigmas=False,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet.eval(), scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+_USAGE = ("usage: python -m o2mkd_ray.core.fixtures [--sdxl] FOLDER   (writes a tiny random Stable Diffusion, or "
+          "with --sdxl Stable Diffusion XL, folder)")
+
+if __name__ == "__main__":  # python -m o2mkd_ray.core.fixtures [--sdxl] FOLDER: tiny offline SD / SDXL folders
     import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m o2mkd_ray.core.fixtures FOLDER   (writes a tiny random Stable Diffusion folder)")
-    make_tiny_sd(sys.argv[1])
-    print(sys.argv[1])
+    args = sys.argv[1:]
+    sdxl = args[:1] == ["--sdxl"]
+    if len(args) != 1 + sdxl:
+        sys.exit(_USAGE)
+    (make_tiny_sdxl if sdxl else make_tiny_sd)(args[-1])
+    print(args[-1])
