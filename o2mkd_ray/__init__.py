@@ -17,14 +17,26 @@ _LAZY = {
     "MultiStudentUNet": "o2mkd_ray.pipelines.multi_unet",
     "O2MKDPipeline": "o2mkd_ray.pipelines.unconditional",
     "O2MKDStableDiffusionPipeline": "o2mkd_ray.pipelines.stable_diffusion",
+    "O2MKDStableDiffusionXLPipeline": "o2mkd_ray.pipelines.stable_diffusion_xl",
     "load_config": "o2mkd_ray.config.loading",
     "run_distillation": "o2mkd_ray.engine.driver",
     "evaluate_run": "o2mkd_ray.eval.evaluate",
     "evaluate_sd": "o2mkd_ray.eval.text_to_image",
     "clip_score": "o2mkd_ray.eval.clip",
 }
-__all__ = ["MultiStudentUNet", "O2MKDPipeline", "O2MKDStableDiffusionPipeline", "Segments", "clip_score",
-           "evaluate_run", "evaluate_sd", "load_config", "run_distillation", "__version__"]
+__all__ = [
+    "MultiStudentUNet",
+    "O2MKDPipeline",
+    "O2MKDStableDiffusionPipeline",
+    "O2MKDStableDiffusionXLPipeline",
+    "Segments",
+    "__version__",
+    "clip_score",
+    "evaluate_run",
+    "evaluate_sd",
+    "load_config",
+    "run_distillation",
+]
 
 
 def __getattr__(name: str):

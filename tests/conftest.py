@@ -90,6 +90,16 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion XL folder (unet/ vae/ text_encoder(_2)/ tokenizer(_2)/ scheduler/), offline."""
+    from o2mkd_ray.core.fixtures import make_tiny_sdxl
+
+    d = tmp_path_factory.mktemp("sdxl") / "tiny_sdxl"
+    make_tiny_sdxl(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     p.write_text("\n".join(PROMPTS) + "\n")

@@ -39,8 +39,9 @@ class TeacherConfig(Section):
     section_key: ClassVar[str] = "teacher"
     pretrained: str | None = None  # diffusers model id or local folder (UNet2DModel, or a Stable Diffusion folder)
     # unet: an unconditional UNet2DModel; stable_diffusion: a text-to-image SD folder/id (UNet2DConditionModel +
-    # vae/ text_encoder/ tokenizer/ scheduler/); auto: read it from a local folder (hub ids need it set)
-    kind: Literal["auto", "unet", "stable_diffusion"] = "auto"
+    # vae/ text_encoder/ tokenizer/ scheduler/); stable_diffusion_xl: an SDXL folder/id (recognised so that it is
+    # refused in one line: SDXL is not distilled yet); auto: read it from a local folder (hub ids need it set)
+    kind: Literal["auto", "unet", "stable_diffusion", "stable_diffusion_xl"] = "auto"
     subfolder: str | None = None  # e.g. "unet" when the folder is a whole pipeline
     factory: str | None = None  # "module:function" -> (model, scheduler)
     mode: Literal["actor", "local"] = "actor"

@@ -55,7 +55,10 @@ def count_macs(
     Counts matmuls, convolutions and attention (MACs = FLOPs / 2); elementwise ops and norms are not counted.
     Works on a model on the ``meta`` device too (no compute, shapes only). A conditional model
     (``UNet2DConditionModel``, or a config with ``cross_attention_dim``) called without ``encoder_hidden_states``
-    gets zeros of shape ``(B, seq_len, cross_attention_dim)`` (``encoder_hid_dim`` when set) as the text.
+    gets zeros of shape ``(B, seq_len, cross_attention_dim)`` (``encoder_hid_dim`` when set) as the text, and an
+    SDXL UNet (``addition_embed_type="text_time"``) called without ``added_cond_kwargs`` gets zeros as its pooled
+    text ``text_embeds`` (B, projection_class_embeddings_input_dim - 6 * addition_time_embed_dim) and ``time_ids``
+    (B, 6) (:func:`text_time_stand_in`).
 
     Args:
         model: a ``UNet2DModel`` / ``UNet2DConditionModel`` or any module called as ``model(x, t)``.
@@ -63,7 +66,8 @@ def count_macs(
         timestep: the timestep passed as a ``(B,)`` long tensor.
         seq_len: text length of the stand-in ``encoder_hidden_states`` of a conditional model (77: SD's CLIP
             tokenizer length); ignored when ``encoder_hidden_states`` is passed or the model is unconditional.
-        **forward_kwargs: extra keyword arguments for the forward (e.g. ``class_labels``, ``encoder_hidden_states``).
+        **forward_kwargs: extra keyword arguments for the forward (e.g. ``class_labels``, ``encoder_hidden_states``,
+            ``added_cond_kwargs``).
     Returns:
         MACs of one forward at the given shape (batch 1 by default).
     """
@@ -93,22 +97,44 @@ def count_macs(
         forward_kwargs["encoder_hidden_states"] = torch.zeros(
             x_t.shape[0], int(seq_len), dim, device=device, dtype=dtype
         )  # (B, L, D)
+    if conditional and "added_cond_kwargs" not in forward_kwargs:
+        added = text_time_stand_in(cfg, x_t.shape[0], device, dtype)
+        if added is not None:
+            forward_kwargs["added_cond_kwargs"] = added
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
         model(x_t, t, **forward_kwargs)
     return counter.get_total_flops() // 2
 
 
-def forward_cost(model: nn.Module, shape: Sequence[int], seq_len: int = 77) -> dict:
+def text_time_stand_in(cfg: Mapping, batch: int, device=None, dtype=None) -> dict | None:
+    """Zero ``added_cond_kwargs`` for a UNet with SDXL's ``text_time`` added conditioning (None for others).
+
+    ``text_embeds`` is the pooled text (B, projection_class_embeddings_input_dim - 6 * addition_time_embed_dim)
+    and ``time_ids`` the 6 size/crop ids (B, 6), as ``StableDiffusionXLPipeline`` passes them.
+    """
+    if cfg.get("addition_embed_type") != "text_time":
+        return None
+    n_ids, per_id = 6, int(cfg["addition_time_embed_dim"])
+    pooled = int(cfg["projection_class_embeddings_input_dim"]) - n_ids * per_id
+    return {"text_embeds": torch.zeros(batch, pooled, device=device, dtype=dtype),
+            "time_ids": torch.zeros(batch, n_ids, device=device, dtype=dtype)}
+
+
+def forward_cost(model: nn.Module, shape: Sequence[int], seq_len: int = 77, **forward_kwargs: Any) -> dict:
     """Parameters and MACs of one forward at batch 1.
 
     Args:
         model: a UNet (or any module called as ``model(x, t)``).
         shape: the input ``(C, H, W)`` (latents for Stable Diffusion).
         seq_len: text tokens a text-conditioned UNet sees (ignored by unconditional ones).
+        **forward_kwargs: example inputs for the forward at batch 1 (``encoder_hidden_states``; for SDXL UNets
+            ``added_cond_kwargs={"text_embeds": (1, D), "time_ids": (1, 6)}``); missing text inputs of a
+            conditional UNet get zero stand-ins (:func:`count_macs`).
     Returns:
         ``{"params": int, "macs": int}``.
     """
-    return {"params": int(count_params(model)), "macs": int(count_macs(model, (1, *shape), seq_len=seq_len))}
+    macs = count_macs(model, (1, *shape), seq_len=seq_len, **forward_kwargs)
+    return {"params": int(count_params(model)), "macs": int(macs)}
 
 
 costs = forward_cost  # the name run folders and tests used before the sampling cost joined it

@@ -29,6 +29,22 @@ def is_sd_folder(path: str | Path) -> bool:
     return cls == "UNet2DConditionModel"
 
 
+def is_sdxl_folder(path: str | Path) -> bool:
+    """True when ``path`` is a local Stable Diffusion XL folder: its ``model_index.json`` names an SDXL pipeline
+    class (``StableDiffusionXLPipeline`` and its variants)."""
+    f = Path(path).expanduser() / "model_index.json"
+    try:
+        cls = json.loads(f.read_text()).get("_class_name") if f.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
+        return False
+    return isinstance(cls, str) and "StableDiffusionXL" in cls
+
+
+SDXL_NOT_DISTILLED = ("teacher.pretrained: {where} is a Stable Diffusion XL teacher, which this version samples "
+                      "(O2MKDStableDiffusionXLPipeline) but cannot distill yet; use a Stable Diffusion 1.x/2.x "
+                      "teacher")
+
+
 def require_text_to_image_extra(key: str) -> None:
     """ConfigError (one line naming ``key``) when the ``sd`` extra (transformers) is not installed: text-to-image
     teachers and pipelines need it; everything unconditional runs without it."""

@@ -7,7 +7,10 @@ teacher classes are understood: ``diffusers.UNet2DModel`` (pixel-space DDPM teac
 ``diffusers.UNet2DConditionModel`` (Stable Diffusion teachers: the student keeps ``cross_attention_dim``, the text
 encoder's width). Depth can shrink the BK-SDM way (Kim et al., "BK-SDM: A Lightweight, Fast, and Cheap Version of
 Stable Diffusion"): ``layers_per_block=1`` removes one resnet(+attention) pair per down and up stage
-("BK-SDM-Base"), ``drop_mid_block=True`` also removes the mid block ("BK-SDM-Small").
+("BK-SDM-Base"), ``drop_mid_block=True`` also removes the mid block ("BK-SDM-Small"). SDXL teachers (a
+``UNet2DConditionModel`` with ``transformer_layers_per_block`` (1, 2, 10) and ``text_time`` added conditioning) also
+shrink the KOALA way (Lee et al., "KOALA: Empirical Lessons Toward Memory-Efficient and Fast Diffusion Models for
+Text-to-Image Synthesis"): ``transformer_layers_per_block`` gives fewer transformer layers per attention block.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ def student_config(
     width: float,
     layers_per_block: int | Sequence[int] | None = None,
     drop_mid_block: bool = False,
+    transformer_layers_per_block: int | Sequence[int] | None = None,
 ) -> dict:
     """A student config: the teacher's blocks with ``width`` times the channels (and optionally fewer layers).
 
@@ -152,6 +156,9 @@ def student_config(
         layers_per_block: resnet layers per block (an int, or for ``UNet2DConditionModel`` one per down block);
             None keeps the teacher's. BK-SDM-Base is ``layers_per_block=1`` of SD 1.x's 2.
         drop_mid_block: no mid block (``mid_block_type=None``; BK-SDM-Small).
+        transformer_layers_per_block: ``UNet2DConditionModel`` only: transformer layers in each attention block (an
+            int, or one per down block; up blocks take the list reversed, the mid block its last entry, as diffusers
+            builds them); None keeps the teacher's. E.g. SDXL's (1, 2, 10) -> (1, 2, 5).
     Returns:
         A plain dict accepted by ``UNet2DModel(**config)`` or ``UNet2DConditionModel(**config)`` (see
         :func:`make_unet`, which tells them apart).
@@ -175,6 +182,8 @@ def student_config(
     for key in ("down_block_types", "up_block_types"):
         out[key] = list(cfg[key])
     _set_depth(out, layers_per_block, drop_mid_block, conditional)
+    if transformer_layers_per_block is not None:
+        _set_transformer_depth(out, transformer_layers_per_block, conditional)
     if conditional:
         out.setdefault("cross_attention_dim", _COND_DEFAULTS["cross_attention_dim"])  # self-describing: conditional
         _fix_cond_heads(out)
@@ -234,6 +243,23 @@ def _set_depth(out: dict, layers_per_block, drop_mid_block: bool, conditional: b
                 "students.drop_mid_block: this diffusers' UNet2DModel cannot drop its mid block; set it to false"
             )
         out["mid_block_type"] = None
+
+
+def _set_transformer_depth(out: dict, layers, conditional: bool) -> None:
+    """Applies ``transformer_layers_per_block`` (KOALA-style transformer depth) to a student config in place."""
+    if not conditional:
+        raise ConfigError("students.transformer_layers_per_block: only UNet2DConditionModel teachers have "
+                          "transformer layers per block; remove it")
+    if out.get("reverse_transformer_layers_per_block") is not None:
+        raise ConfigError("students.transformer_layers_per_block: the teacher sets "
+                          "reverse_transformer_layers_per_block (its up blocks have their own depths); set "
+                          "students.unet to an explicit config instead")
+    many = isinstance(layers, Sequence) and not isinstance(layers, str)
+    values = [int(v) for v in layers] if many else [int(layers)]
+    if any(v < 1 for v in values):
+        raise ConfigError(f"students.transformer_layers_per_block: every entry must be >= 1, got "
+                          f"{values if many else values[0]}")
+    out["transformer_layers_per_block"] = values if many else values[0]
 
 
 def teacher_unet_config(teacher: nn.Module) -> dict:

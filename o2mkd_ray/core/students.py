@@ -26,6 +26,7 @@ def build_student(
     unet_config: Mapping | None = None,
     init: str = "teacher",
     drop_mid_block: bool = False,
+    transformer_layers_per_block: int | Sequence[int] | None = None,
 ) -> UNet:
     """Builds one student UNet.
 
@@ -39,6 +40,8 @@ def build_student(
             ``cross_attention_dim`` or ``_class_name: UNet2DConditionModel``).
         init: "teacher" copies teacher weights (:func:`init_from_teacher`); "scratch" keeps the random init.
         drop_mid_block: build the student without a mid block (BK-SDM-Small).
+        transformer_layers_per_block: fewer transformer layers per attention block (KOALA-style, for SDXL-like
+            teachers; an int or one per down block; ignored with ``unet_config``); None keeps the teacher's.
     Returns:
         The student (the teacher's UNet class).
     Raises:
@@ -56,7 +59,8 @@ def build_student(
         student = make_unet(cfg, "students.unet")
     else:
         student = make_unet(
-            student_config(teacher_unet_config(teacher), width, layers_per_block, drop_mid_block),
+            student_config(teacher_unet_config(teacher), width, layers_per_block, drop_mid_block,
+                           transformer_layers_per_block),
             "students.width",
         )
     if init == "teacher":

@@ -41,15 +41,18 @@ def _load_scheduler(path: str, subfolder: str | None):
 
 
 def teacher_kind(tcfg: TeacherConfig) -> str:
-    """``"unet"`` or ``"stable_diffusion"``: ``teacher.kind``, or read from a local folder when it is ``auto``."""
+    """``"unet"``, ``"stable_diffusion"`` or ``"stable_diffusion_xl"``: ``teacher.kind``, or read from a local
+    folder when it is ``auto`` (SDXL: a Stable Diffusion folder whose ``model_index.json`` names an SDXL pipeline)."""
     if tcfg.kind != "auto":
         return tcfg.kind
     if tcfg.factory:
         return "unet"
-    from o2mkd_ray.core.sd import is_sd_folder
+    from o2mkd_ray.core.sd import is_sd_folder, is_sdxl_folder
 
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
-    return "stable_diffusion" if looks_local(spec) and is_sd_folder(spec) else "unet"
+    if not (looks_local(spec) and is_sd_folder(spec)):
+        return "unet"
+    return "stable_diffusion_xl" if is_sdxl_folder(spec) else "stable_diffusion"
 
 
 def _unet_class(spec: str, subfolder: str | None, kind: str):

@@ -32,6 +32,10 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
         _check_factory_teacher(tcfg, data, segments, students)
         return
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
+    if tcfg.kind == "stable_diffusion_xl" or (looks_local(spec) and teacher_kind(tcfg) == "stable_diffusion_xl"):
+        from o2mkd_ray.core.sd import SDXL_NOT_DISTILLED
+
+        raise ConfigError(SDXL_NOT_DISTILLED.format(where=repr(spec)))
     if not looks_local(spec):
         if tcfg.kind == "stable_diffusion":
             from o2mkd_ray.core.sd import require_text_to_image_extra
@@ -39,7 +43,7 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
             require_text_to_image_extra("teacher.kind")
         if tcfg.kind == "auto":
             raise ConfigError(f"teacher.kind: cannot tell what the hub model {spec!r} is before downloading it; set "
-                              "teacher.kind to unet or stable_diffusion")
+                              "teacher.kind to unet, stable_diffusion or stable_diffusion_xl")
         return  # a hub id: checked when it is downloaded (no network access in preflight)
     p = Path(spec).expanduser()
     if not p.is_dir():

@@ -6,7 +6,10 @@ with ``from_pretrained``; any diffusers pipeline that calls ``unet(x_t, t).sampl
 UNet. With ``UNet2DConditionModel`` students it is a drop-in ``unet`` for ``StableDiffusionPipeline``: the
 config keys that pipeline reads (``sample_size``, ``in_channels``, ``time_cond_proj_dim``, ...) are recorded
 from the first student, and ``encoder_hidden_states`` / ``timestep_cond`` / ``added_cond_kwargs`` are passed
-to (and, for mixed-timestep batches, sliced along with) the owning student.
+to (and, for mixed-timestep batches, sliced along with) the owning student. With SDXL students
+(``addition_embed_type="text_time"``) it is a drop-in ``unet`` for ``StableDiffusionXLPipeline`` too: it records
+``addition_time_embed_dim`` and exposes the first student's ``add_embedding`` (both read by that pipeline to check
+its added time ids), and ``added_cond_kwargs`` (``text_embeds`` (B, D), ``time_ids`` (B, 6)) is routed per element.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.pipelines.acceleration import Acceleration, accelerate_students, to_layout
 
 # config keys every student must agree on (the pipeline feeds all of them the same latents/conditioning)
-_SHARED_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "cross_attention_dim")
+_SHARED_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "cross_attention_dim",
+                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
 
 
 def _json_value(value):
@@ -74,11 +78,13 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         student_configs: each student's diffusers config (only used when ``students`` is None).
         student_classes: each student's class name (``"UNet2DModel"`` or ``"module.Class"``).
         value_range: ``(lo, hi)`` of the data the teacher was trained on; the pipeline maps outputs to [0, 1].
-        sample_size, in_channels, out_channels, time_cond_proj_dim, cross_attention_dim: recorded from the
-            first student (pipelines read them from ``config``: ``StableDiffusionPipeline`` reads
-            ``sample_size``, ``in_channels`` and ``time_cond_proj_dim``); accepted here only so that loading a
-            saved config passes them back silently. Configs saved before ``time_cond_proj_dim`` /
-            ``cross_attention_dim`` were recorded load too (the values are re-derived from the students).
+        sample_size, in_channels, out_channels, time_cond_proj_dim, cross_attention_dim, addition_embed_type,
+            addition_time_embed_dim, projection_class_embeddings_input_dim: recorded from the first student
+            (pipelines read them from ``config``: ``StableDiffusionPipeline`` reads ``sample_size``,
+            ``in_channels`` and ``time_cond_proj_dim``, ``StableDiffusionXLPipeline`` also
+            ``addition_time_embed_dim``); accepted here only so that loading a saved config passes them back
+            silently. Configs saved before some of them were recorded load too (the values are re-derived from
+            the students).
     """
 
     def __init__(
@@ -93,6 +99,9 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         out_channels: int | None = None,
         time_cond_proj_dim: int | None = None,
         cross_attention_dim=None,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        projection_class_embeddings_input_dim: int | None = None,
     ):
         super().__init__()
         segments = Segments(boundaries)
@@ -137,6 +146,10 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
             # UNet2DModel students have neither key: None, which is what StableDiffusionPipeline expects
             time_cond_proj_dim=first.get("time_cond_proj_dim"),
             cross_attention_dim=_json_value(first.get("cross_attention_dim")),
+            # SDXL's added conditioning (None for SD 1.x/2.x and UNet2DModel students)
+            addition_embed_type=first.get("addition_embed_type"),
+            addition_time_embed_dim=first.get("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=first.get("projection_class_embeddings_input_dim"),
         )
         self._segments = segments
         self._accel = Acceleration()
@@ -145,6 +158,13 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
     @property
     def segments(self) -> Segments:
         return self._segments
+
+    @property
+    def add_embedding(self) -> nn.Module | None:
+        """The first student's added-conditioning embedding (SDXL's ``text_time``; None without one). All students
+        take the same added conditioning (checked at construction); ``StableDiffusionXLPipeline`` reads
+        ``unet.add_embedding.linear_1.in_features`` to check the size of its time ids."""
+        return getattr(self.students[0], "add_embedding", None)
 
     @property
     def num_students(self) -> int:

@@ -16,8 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import inspect
 from pathlib import Path
 
 import torch
@@ -30,21 +28,12 @@ from o2mkd_ray.errors import ConfigError
 from o2mkd_ray.pipelines.acceleration import AcceleratesStudents
 from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 from o2mkd_ray.pipelines.saved import ImportsRecordedModules
-from o2mkd_ray.pipelines.unconditional import segment_timesteps
+from o2mkd_ray.pipelines.segment_steps import SegmentSteps, fresh
 
 
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
-def _fresh(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """A copy of the scheduler (no shared ``set_timesteps`` state). Not ``from_config(scheduler.config)``: keys
-    that StableDiffusionPipeline.__init__ normalised are listed in ``_use_default_values`` and from_config would
-    quietly restore the class defaults (e.g. DDIM's ``clip_sample=True``)."""
-    return copy.deepcopy(scheduler)
-
-
-class O2MKDStableDiffusionPipeline(ImportsRecordedModules, AcceleratesStudents, StableDiffusionPipeline):
+class O2MKDStableDiffusionPipeline(
+    ImportsRecordedModules, AcceleratesStudents, SegmentSteps, StableDiffusionPipeline
+):
     """Stable Diffusion with a :class:`MultiStudentUNet` in place of the UNet.
 
     Args:
@@ -123,7 +112,7 @@ class O2MKDStableDiffusionPipeline(ImportsRecordedModules, AcceleratesStudents, 
         if isinstance(teacher, (str, Path)):
             teacher = cls._load_teacher(teacher)
         if scheduler is None:
-            scheduler = _fresh(teacher.scheduler)
+            scheduler = fresh(teacher.scheduler)
         return cls(
             vae=teacher.vae,
             text_encoder=teacher.text_encoder,
@@ -154,26 +143,6 @@ class O2MKDStableDiffusionPipeline(ImportsRecordedModules, AcceleratesStudents, 
                 f"teacher: could not load the Stable Diffusion folder {str(p)!r}: {first}"
             ) from None
 
-
-    def _segment_timesteps(self, steps_per_segment) -> list[int]:
-        timesteps = segment_timesteps(self.unet.config.boundaries, steps_per_segment)
-        sched = type(self.scheduler)
-        if not _accepts(self.scheduler.set_timesteps, "timesteps"):
-            raise ValueError(
-                "steps_per_segment needs a scheduler whose set_timesteps accepts custom `timesteps`, such as"
-                f" DDPMScheduler or DPMSolverMultistepScheduler; {sched.__name__} does not. Swap it with"
-                " pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)"
-            )
-        return timesteps
-
-    def _check_timestep_range(self) -> None:
-        T = self.scheduler.config.get("num_train_timesteps")
-        end = self.unet.config.boundaries[-1]
-        if T is not None and int(T) != int(end):
-            raise ValueError(
-                f"O2MKDStableDiffusionPipeline: the students' boundaries end at {end} but the scheduler "
-                f"({type(self.scheduler).__name__}) has num_train_timesteps={T}; they must match"
-            )
 
     @torch.no_grad()
     def __call__(

@@ -1,0 +1,50 @@
+"""What the text-to-image O2MKD pipelines share around diffusers' denoising loop: per-segment step budgets, the
+check that the students' boundaries span the scheduler's timesteps, and fresh scheduler copies."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from o2mkd_ray.pipelines.unconditional import segment_timesteps
+
+
+def accepts(fn, name: str) -> bool:
+    """True when callable ``fn`` takes a parameter called ``name``."""
+    return name in inspect.signature(fn).parameters
+
+
+def fresh(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """A copy of the scheduler (no shared ``set_timesteps`` state). Not ``from_config(scheduler.config)``: keys
+    that the pipelines' ``__init__`` normalised are listed in ``_use_default_values`` and from_config would
+    quietly restore the class defaults (e.g. DDIM's ``clip_sample=True``)."""
+    return copy.deepcopy(scheduler)
+
+
+class SegmentSteps:
+    """Mixin for pipelines whose ``unet`` is a :class:`MultiStudentUNet` and that have a ``scheduler``."""
+
+    def _segment_timesteps(self, steps_per_segment) -> list[int]:
+        """The custom timesteps giving segment k ``steps_per_segment[k]`` steps; ValueError when the scheduler
+        cannot take custom timesteps."""
+        timesteps = segment_timesteps(self.unet.config.boundaries, steps_per_segment)
+        sched = type(self.scheduler)
+        if not accepts(self.scheduler.set_timesteps, "timesteps"):
+            raise ValueError(
+                "steps_per_segment needs a scheduler whose set_timesteps accepts custom `timesteps`, such as"
+                f" DDPMScheduler or DPMSolverMultistepScheduler; {sched.__name__} does not. Swap it with"
+                " pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)"
+            )
+        return timesteps
+
+    def _check_timestep_range(self) -> None:
+        """ValueError unless the students' boundaries end at the scheduler's ``num_train_timesteps``."""
+        T = self.scheduler.config.get("num_train_timesteps")
+        end = self.unet.config.boundaries[-1]
+        if T is not None and int(T) != int(end):
+            raise ValueError(
+                f"{type(self).__name__}: the students' boundaries end at {end} but the scheduler "
+                f"({type(self.scheduler).__name__}) has num_train_timesteps={T}; they must match"
+            )
