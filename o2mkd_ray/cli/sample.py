@@ -8,7 +8,9 @@ from pathlib import Path
 
 # pipeline class -> its folders (the students' folder first)
 PIPELINE_COMPONENTS = {"O2MKDPipeline": ("students", "scheduler"),
-                       "O2MKDStableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer")}
+                       "O2MKDStableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer"),
+                       "O2MKDStableDiffusionXLPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer",
+                                                          "text_encoder_2", "tokenizer_2")}
 
 
 def check_pipeline_dir(d: Path) -> dict:
@@ -86,7 +88,7 @@ def _checked_args(args) -> tuple[Path, Path, bool]:
         raise ConfigError(f"--output {str(out)!r}: folder {str(out.parent)!r} does not exist; create it first")
     if args.scheduler:
         check_scheduler_name(args.scheduler, "--scheduler")
-    text = json.loads((d / "model_index.json").read_text())["_class_name"] == "O2MKDStableDiffusionPipeline"
+    text = json.loads((d / "model_index.json").read_text())["_class_name"] != "O2MKDPipeline"
     if text:
         from o2mkd_ray.core.sd import require_text_to_image_extra
 
@@ -109,14 +111,13 @@ def _load(d: Path, text: bool, scheduler: str | None):
     from o2mkd_ray.errors import ConfigError
 
     dlogging.disable_progress_bar()  # stderr stays for errors
+    from o2mkd_ray.pipelines.build import saved_pipeline_class
+
     if text:
         from transformers.utils import logging as tlogging
 
-        from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline as cls
-
         tlogging.disable_progress_bar()
-    else:
-        from o2mkd_ray.pipelines.unconditional import O2MKDPipeline as cls
+    cls = saved_pipeline_class(d)
     try:
         pipe = cls.from_pretrained(d)
     except (OSError, ValueError, KeyError, TypeError) as e:  # what diffusers raises on a damaged folder

@@ -69,10 +69,15 @@ def check_segment_keys(keys: list[str], n: int) -> None:
             raise ConfigError(f"ray.segment_overrides.{key}: keys are segment indices 0..{n - 1}")
 
 
+# teacher kinds conditioned on text: they distil on captions (data.kind=prompts) in latent space
+TEXT_TO_IMAGE_KINDS = ("stable_diffusion", "stable_diffusion_xl")
+
+
 def check_kinds(teacher_kind: str, data_kind: str) -> None:
-    """A Stable Diffusion teacher distils on prompts (data.kind=prompts), an unconditional one on images."""
-    if teacher_kind == "stable_diffusion" and data_kind != "prompts":
-        raise ConfigError(f"data.kind: a Stable Diffusion teacher distils on captions; set data.kind=prompts (got "
+    """A text-to-image teacher (Stable Diffusion, SDXL) distils on prompts (data.kind=prompts), an unconditional
+    one on images."""
+    if teacher_kind in TEXT_TO_IMAGE_KINDS and data_kind != "prompts":
+        raise ConfigError(f"data.kind: a text-to-image teacher distils on captions; set data.kind=prompts (got "
                           f"{data_kind!r}) with data.path or data.name")
     if teacher_kind == "unet" and data_kind == "prompts":
         raise ConfigError("data.kind: prompts need a text-conditioned teacher; set teacher.kind=stable_diffusion "

@@ -15,6 +15,7 @@ import torch
 from o2mkd_ray.errors import ConfigError
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = (*SD_COMPONENTS, "text_encoder_2", "tokenizer_2")
 
 
 def is_sd_folder(path: str | Path) -> bool:
@@ -40,11 +41,6 @@ def is_sdxl_folder(path: str | Path) -> bool:
     return isinstance(cls, str) and "StableDiffusionXL" in cls
 
 
-SDXL_NOT_DISTILLED = ("teacher.pretrained: {where} is a Stable Diffusion XL teacher, which this version samples "
-                      "(O2MKDStableDiffusionXLPipeline) but cannot distill yet; use a Stable Diffusion 1.x/2.x "
-                      "teacher")
-
-
 def require_text_to_image_extra(key: str) -> None:
     """ConfigError (one line naming ``key``) when the ``sd`` extra (transformers) is not installed: text-to-image
     teachers and pipelines need it; everything unconditional runs without it."""
@@ -53,13 +49,15 @@ def require_text_to_image_extra(key: str) -> None:
                           "install it with pip install 'o2mkd-ray[sd]'")
 
 
-def check_sd_folder(path: str | Path, key: str = "teacher.pretrained") -> None:
-    """ConfigError (one line) unless every component Stable Diffusion needs is in the folder."""
+def check_sd_folder(path: str | Path, key: str = "teacher.pretrained", xl: bool = False) -> None:
+    """ConfigError (one line) unless every component Stable Diffusion (``xl``: SDXL) needs is in the folder."""
     p = Path(path).expanduser()
-    missing = [c for c in SD_COMPONENTS if not (p / c).is_dir()]
+    missing = [c for c in (SDXL_COMPONENTS if xl else SD_COMPONENTS) if not (p / c).is_dir()]
     if missing:
-        raise ConfigError(f"{key}: {str(p)!r} is not a complete Stable Diffusion folder (missing "
-                          f"{', '.join(m + '/' for m in missing)}); save it with StableDiffusionPipeline.save_pretrained")
+        name, cls = ("Stable Diffusion XL", "StableDiffusionXLPipeline") if xl else \
+            ("Stable Diffusion", "StableDiffusionPipeline")
+        raise ConfigError(f"{key}: {str(p)!r} is not a complete {name} folder (missing "
+                          f"{', '.join(m + '/' for m in missing)}); save it with {cls}.save_pretrained")
 
 
 def load_sd_components(spec: str, dtype: torch.dtype = torch.float32) -> dict:

@@ -13,13 +13,13 @@ import torch
 from o2mkd_ray.errors import ConfigError
 
 
-def load_sdxl_components(spec: str, dtype: torch.dtype = torch.float32):
+def load_sdxl_components(spec: str):
     """The teacher's SDXL pipeline without its UNet (text encoders, tokenizers, VAE, scheduler, and its
     ``force_zeros_for_empty_prompt`` setting), from a hub id or a local folder."""
     from diffusers import StableDiffusionXLPipeline
 
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(spec, unet=None, torch_dtype=dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(spec, unet=None)
     except (OSError, EnvironmentError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"teacher.pretrained: could not load the SDXL text encoders/tokenizers/VAE from {spec!r}: "

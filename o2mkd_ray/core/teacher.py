@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.conditioning import cond_kwargs
 from o2mkd_ray.core.features import FeatureHooks, dummy_cond, hookable_blocks
@@ -58,7 +59,7 @@ def teacher_kind(tcfg: TeacherConfig) -> str:
 def _unet_class(spec: str, subfolder: str | None, kind: str):
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    if kind == "stable_diffusion":
+    if kind in TEXT_TO_IMAGE_KINDS:
         return UNet2DConditionModel
     if looks_local(spec):
         f = Path(spec).expanduser() / (subfolder or "") / "config.json"
@@ -69,7 +70,7 @@ def _unet_class(spec: str, subfolder: str | None, kind: str):
 
 def _load_pretrained(spec: str, subfolder: str | None, kind: str = "unet"):
     local = looks_local(spec)
-    if kind == "stable_diffusion" and subfolder is None:
+    if kind in TEXT_TO_IMAGE_KINDS and subfolder is None:
         subfolder = "unet"
     if local:
         p = Path(spec).expanduser()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.kd import check_kd_method
 from o2mkd_ray.core.schedulers import check_scheduler_name
@@ -32,12 +33,8 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
         _check_factory_teacher(tcfg, data, segments, students)
         return
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
-    if tcfg.kind == "stable_diffusion_xl" or (looks_local(spec) and teacher_kind(tcfg) == "stable_diffusion_xl"):
-        from o2mkd_ray.core.sd import SDXL_NOT_DISTILLED
-
-        raise ConfigError(SDXL_NOT_DISTILLED.format(where=repr(spec)))
     if not looks_local(spec):
-        if tcfg.kind == "stable_diffusion":
+        if tcfg.kind in TEXT_TO_IMAGE_KINDS:
             from o2mkd_ray.core.sd import require_text_to_image_extra
 
             require_text_to_image_extra("teacher.kind")
@@ -53,11 +50,11 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
         from o2mkd_ray.config.checks import check_kinds
 
         check_kinds(kind, data.kind)
-    if kind == "stable_diffusion":
+    if kind in TEXT_TO_IMAGE_KINDS:
         from o2mkd_ray.core.sd import check_sd_folder, require_text_to_image_extra
 
         require_text_to_image_extra("teacher.kind")
-        check_sd_folder(p)
+        check_sd_folder(p, xl=kind == "stable_diffusion_xl")
     sub = tcfg.subfolder or ("unet" if (p / "unet").is_dir() else "")
     cfg_file = p / sub / "config.json"
     if not cfg_file.is_file():
@@ -84,7 +81,7 @@ def _check_folder_teacher(tcfg: TeacherConfig, p: Path, sub: str, kind: str, dat
     cfg_file = p / sub / "config.json"
     ucfg = read_json_config(cfg_file, "teacher.pretrained")
     cls = ucfg.get("_class_name", "UNet2DModel")
-    want = "UNet2DConditionModel" if kind == "stable_diffusion" else "UNet2DModel"
+    want = "UNet2DConditionModel" if kind in TEXT_TO_IMAGE_KINDS else "UNet2DModel"
     if cls != want:
         raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} describes a {cls}; a {kind} teacher folder must "
                           f"hold a diffusers {want} (wrap other models in teacher.factory='module:function')")

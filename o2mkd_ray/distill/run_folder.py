@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_dir, write_json, write_text
 from o2mkd_ray.core.segments import Segments
@@ -82,7 +83,7 @@ def prepare_run(cfg: Config, out, on_segments: Callable[[list[int]], None] | Non
 def is_text_to_image(cfg: Config) -> bool:
     from o2mkd_ray.core.teacher import teacher_kind
 
-    return teacher_kind(cfg.teacher) == "stable_diffusion"
+    return teacher_kind(cfg.teacher) in TEXT_TO_IMAGE_KINDS
 
 
 def load_cond_data(cfg: Config, out: Path, teacher, scheduler, teacher_fn) -> dict:

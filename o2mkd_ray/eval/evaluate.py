@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.errors import ConfigError
 from o2mkd_ray.eval.fid import REFERENCE_IMAGES
 from o2mkd_ray.eval.text_to_image import evaluate_sd_run
@@ -77,7 +78,7 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"eval {key}: must be an integer >= 1, got {v!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if teacher_kind(cfg.teacher) == "stable_diffusion":
+    if teacher_kind(cfg.teacher) in TEXT_TO_IMAGE_KINDS:
         return evaluate_sd_run(out, cfg, n, steps, latency_repeats=latency_repeats, device=dev)
     opt = Options(num_images=n, steps=steps, agreement_samples=agreement_samples, num_buckets=num_buckets,
                   num_reference=num_reference, latency_repeats=latency_repeats)

@@ -113,7 +113,7 @@ def _cost(teacher_pipe, student_pipe, steps: int, passes: int) -> dict:
     """:func:`~o2mkd_ray.eval.measures.cost_table` on the students' scheduler, text of the tokenizer's length."""
     multi = student_pipe.unet
     L = int(teacher_pipe.tokenizer.model_max_length)
-    D = int(teacher_pipe.text_encoder.config.hidden_size)
+    D = int(teacher_pipe.unet.config.cross_attention_dim)  # SDXL: both text encoders' widths, concatenated
     table = cost_table(teacher_pipe.unet, [multi.student(k) for k in range(multi.num_students)],
                        multi.segments.boundaries, scheduler_timesteps(student_pipe.scheduler, steps),
                        sample_shape_of(teacher_pipe.unet.config), steps=steps, passes=passes, seq_len=L)
@@ -233,11 +233,10 @@ def evaluate_sd_run(out: Path, cfg, num_images: int, steps: int, *, latency_repe
         The report as written to ``OUT/eval/report.json`` (also ``metrics.json`` and ``samples.png``).
     """
     from o2mkd_ray.eval.sampling import sampling_prompts
-    from o2mkd_ray.pipelines.build import teacher_sd_pipeline
-    from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
+    from o2mkd_ray.pipelines.build import saved_pipeline_class, teacher_sd_pipeline
 
     prompts = sampling_prompts(cfg, num_images)
-    pipe = O2MKDStableDiffusionPipeline.from_pretrained(out / "pipeline").to(device)
+    pipe = saved_pipeline_class(out / "pipeline").from_pretrained(out / "pipeline").to(device)
     pipe.set_progress_bar_config(disable=True)
     teacher = teacher_sd_pipeline(cfg).to(device)
     ev = out / "eval"

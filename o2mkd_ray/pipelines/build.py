@@ -34,22 +34,60 @@ def build_pipeline(students: list[nn.Module], boundaries, scheduler, value_range
 
 
 def teacher_sd_pipeline(cfg: Config, unet: nn.Module | None = None):
-    """The teacher as a diffusers ``StableDiffusionPipeline`` (its already loaded UNet reused when given)."""
-    from diffusers import StableDiffusionPipeline
+    """The text-to-image teacher as its diffusers pipeline (``StableDiffusionPipeline``, or
+    ``StableDiffusionXLPipeline`` for an SDXL teacher), its already loaded UNet reused when given."""
+    from o2mkd_ray.core.teacher import teacher_kind
 
     kw = {"unet": unet} if unet is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.teacher.pretrained, safety_checker=None,
-                                                   requires_safety_checker=False, **kw)
+    if teacher_kind(cfg.teacher) == "stable_diffusion_xl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(cfg.teacher.pretrained, **kw)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.teacher.pretrained, safety_checker=None,
+                                                       requires_safety_checker=False, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def build_sd_pipeline(students: list[nn.Module], boundaries, teacher_pipe, scheduler_name: str):
-    """``O2MKDStableDiffusionPipeline``: the students routed by timestep, the teacher's VAE/text encoder/tokenizer,
-    a sampling scheduler on the teacher's own scheduler config."""
+    """The O2MKD text-to-image pipeline of the teacher's family (``O2MKDStableDiffusionPipeline`` or
+    ``O2MKDStableDiffusionXLPipeline``): the students routed by timestep, the teacher's VAE/text encoder(s)/
+    tokenizer(s), a sampling scheduler on the teacher's own scheduler config."""
+    from diffusers import StableDiffusionXLPipeline
+
     from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
-    from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
 
     multi = MultiStudentUNet(students, boundaries=list(boundaries))
     sampler = make_scheduler(scheduler_name, teacher_pipe.scheduler.config)
-    return O2MKDStableDiffusionPipeline.from_teacher(teacher_pipe, multi, scheduler=sampler)
+    cls = o2mkd_pipeline_class("O2MKDStableDiffusionXLPipeline" if isinstance(teacher_pipe, StableDiffusionXLPipeline)
+                               else "O2MKDStableDiffusionPipeline")
+    return cls.from_teacher(teacher_pipe, multi, scheduler=sampler)
+
+
+# model_index.json class name of a saved O2MKD pipeline -> (module, class); the text-to-image ones need the sd extra
+PIPELINE_CLASSES = {
+    "O2MKDPipeline": ("o2mkd_ray.pipelines.unconditional", "O2MKDPipeline"),
+    "O2MKDStableDiffusionPipeline": ("o2mkd_ray.pipelines.stable_diffusion", "O2MKDStableDiffusionPipeline"),
+    "O2MKDStableDiffusionXLPipeline": ("o2mkd_ray.pipelines.stable_diffusion_xl", "O2MKDStableDiffusionXLPipeline"),
+}
+
+
+def o2mkd_pipeline_class(name: str):
+    """The O2MKD pipeline class named ``name`` (a saved folder's ``model_index.json`` ``_class_name``), imported
+    only when asked for (the text-to-image ones import transformers)."""
+    import importlib
+
+    if name not in PIPELINE_CLASSES:
+        raise ConfigError(f"pipeline: {name!r} is not an O2MKD pipeline (expected one of {', '.join(PIPELINE_CLASSES)})")
+    module, cls = PIPELINE_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def saved_pipeline_class(folder: str | Path):
+    """The O2MKD pipeline class of a saved pipeline folder, from its ``model_index.json``."""
+    import json
+
+    return o2mkd_pipeline_class(json.loads((Path(folder) / "model_index.json").read_text())["_class_name"])

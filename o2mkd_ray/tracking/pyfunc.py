@@ -18,7 +18,8 @@ import pandas as pd
 
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
-    """``mlflow.pyfunc`` wrapper of :class:`~o2mkd_ray.O2MKDPipeline` (or ``O2MKDStableDiffusionPipeline``).
+    """``mlflow.pyfunc`` wrapper of :class:`~o2mkd_ray.O2MKDPipeline` (or a text-to-image O2MKD pipeline:
+    ``O2MKDStableDiffusionPipeline``, ``O2MKDStableDiffusionXLPipeline``).
 
     ``predict`` takes a DataFrame (first row) or a dict with ``num_images`` (default 4), ``steps`` (default 50),
     ``seed`` (default 0) and, for text-to-image pipelines, ``prompt`` (required), ``negative_prompt`` and
@@ -31,11 +32,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
 
         path = context.artifacts["pipeline"]
         self.text = json.loads((Path(path) / "model_index.json").read_text())["_class_name"] != "O2MKDPipeline"
-        if self.text:
-            from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline as cls
-        else:
-            from o2mkd_ray.pipelines.unconditional import O2MKDPipeline as cls
-        self.pipe = cls.from_pretrained(path)
+        from o2mkd_ray.pipelines.build import saved_pipeline_class
+
+        self.pipe = saved_pipeline_class(path).from_pretrained(path)
         self.pipe.set_progress_bar_config(disable=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):  # (B, H, W, C)

@@ -2,7 +2,6 @@
 StableDiffusionXLPipeline feeds its UNet."""
 
 import torch
-
 from conftest import PROMPTS
 
 

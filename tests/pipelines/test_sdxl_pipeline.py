@@ -166,13 +166,17 @@ def test_constructor_checks(teacher, tmp_path):
         pipe(prompt="x", num_inference_steps=1)
 
 
-def test_sdxl_teacher_kind_is_recognised_and_refused_in_one_line(tiny_sdxl_dir, tmp_path):
+def test_sdxl_teacher_kind_is_recognised_and_checked_in_one_line(tiny_sdxl_dir, tmp_path):
+    import shutil
+
     assert teacher_kind(TeacherConfig(pretrained=str(tiny_sdxl_dir))) == "stable_diffusion_xl"
-    for tcfg in (TeacherConfig(pretrained=str(tiny_sdxl_dir)),
-                 TeacherConfig(pretrained="stabilityai/stable-diffusion-xl-base-1.0", kind="stable_diffusion_xl")):
-        with pytest.raises(ConfigError, match="Stable Diffusion XL teacher.*cannot distill yet") as e:
-            check_teacher(tcfg)
-        assert "\n" not in str(e.value)
+    check_teacher(TeacherConfig(pretrained=str(tiny_sdxl_dir)))  # a complete SDXL folder passes
+    broken = tmp_path / "xl_without_second_encoder"
+    shutil.copytree(tiny_sdxl_dir, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(ConfigError, match="not a complete Stable Diffusion XL folder .missing text_encoder_2/") as e:
+        check_teacher(TeacherConfig(pretrained=str(broken)))
+    assert "\n" not in str(e.value)
     # an SD 1.x folder (same unet/ class, model_index naming StableDiffusionPipeline) keeps its kind
     sd = tmp_path / "sd"
     (sd / "unet").mkdir(parents=True)
