@@ -8,7 +8,9 @@ from pathlib import Path
 
 # pipeline class -> its folders (the students' folder first)
 PIPELINE_COMPONENTS = {"O2MKDPipeline": ("students", "scheduler"),
-                       "O2MKDStableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer")}
+                       "O2MKDStableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer"),
+                       "O2MKDStableDiffusionXLPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer",
+                                                          "text_encoder_2", "tokenizer_2")}
 
 
 def check_pipeline_dir(d: Path) -> dict:
@@ -86,7 +88,7 @@ def _checked_args(args) -> tuple[Path, Path, bool]:
         raise ConfigError(f"--output {str(out)!r}: folder {str(out.parent)!r} does not exist; create it first")
     if args.scheduler:
         check_scheduler_name(args.scheduler, "--scheduler")
-    text = json.loads((d / "model_index.json").read_text())["_class_name"] == "O2MKDStableDiffusionPipeline"
+    text = json.loads((d / "model_index.json").read_text())["_class_name"] != "O2MKDPipeline"
     if text:
         from o2mkd_ray.core.sd import require_text_to_image_extra
 
@@ -112,7 +114,10 @@ def _load(d: Path, text: bool, scheduler: str | None):
     if text:
         from transformers.utils import logging as tlogging
 
-        from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline as cls
+        if json.loads((d / "model_index.json").read_text())["_class_name"] == "O2MKDStableDiffusionXLPipeline":
+            from o2mkd_ray.pipelines.stable_diffusion_xl import O2MKDStableDiffusionXLPipeline as cls
+        else:
+            from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline as cls
 
         tlogging.disable_progress_bar()
     else:
