@@ -119,8 +119,7 @@ def test_sdxl_base_students_on_meta():
     assert count_params(big) == 2_567_463_684  # SDXL-base's published UNet size
     assert depths(koala)["down2"] == [5] and depths(koala)["up0"] == [5, 5] and koala.mid_block is None
     assert half.down_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 10  # 320 channels, 10 heads
-    macs = {k: forward_cost(m, (4, 128, 128))["macs"] for k, m in {"big": big, "koala": koala, "half": half}.items()}
-    assert macs["half"] < macs["koala"] < macs["big"]
+    assert count_params(half) < count_params(koala) < count_params(big)  # MACs at this shape: benchmarks/sdxl_macs.py
 
 
 def test_transformer_depth_errors(teacher):
