@@ -259,6 +259,10 @@ def _set_transformer_depth(out: dict, layers, conditional: bool) -> None:
     if any(v < 1 for v in values):
         raise ConfigError(f"students.transformer_layers_per_block: every entry must be >= 1, got "
                           f"{values if many else values[0]}")
+    n = len(out["down_block_types"])
+    if many and len(values) != n:
+        raise ConfigError(f"students.transformer_layers_per_block: got {len(values)} values for {n} down blocks; "
+                          f"give one value or {n}")
     out["transformer_layers_per_block"] = values if many else values[0]
 
 

@@ -64,7 +64,7 @@ def sampling_cost(cfg: Config, teacher, shape, scheduler_config=None) -> dict:
 def refuse_text_to_image(cfg: Config, command: str) -> None:
     from o2mkd_ray.core.teacher import teacher_kind
 
-    if teacher_kind(cfg.teacher) == "stable_diffusion":
+    if teacher_kind(cfg.teacher) in ("stable_diffusion", "stable_diffusion_xl"):
         raise ConfigError(f"{command}: Stable Diffusion teachers are not supported by `o2mkd-ray {command}` yet (its "
                           "objectives read unconditional images); distil with `o2mkd-ray distill` and compare runs "
                           "with `o2mkd-ray eval`")

@@ -14,7 +14,7 @@ from conftest import ROOT
 DIST = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "cleanfid": "clean-fid",
         "torch_fidelity": "torch-fidelity"}
 # modules that load only on a text-to-image path (the CLI, eval and the pyfunc model import them lazily)
-TEXT_TO_IMAGE_ONLY = {"o2mkd_ray/pipelines/stable_diffusion.py"}
+TEXT_TO_IMAGE_ONLY = {"o2mkd_ray/pipelines/stable_diffusion.py", "o2mkd_ray/pipelines/stable_diffusion_xl.py"}
 
 
 def _dist(module: str) -> str:

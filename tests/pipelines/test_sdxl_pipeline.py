@@ -12,8 +12,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image
 
 from o2mkd_ray import O2MKDStableDiffusionXLPipeline
+from o2mkd_ray.cli.main import main
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.teacher import teacher_kind
 from o2mkd_ray.core.teacher_checks import check_teacher
@@ -150,6 +152,11 @@ def test_save_load_round_trip(teacher, tmp_path):
     assert isinstance(loaded.unet, MultiStudentUNet) and list(loaded.unet.config.boundaries) == [0, 400, 1000]
     assert loaded.unet.config.addition_time_embed_dim == 8 and type(loaded.scheduler) is DPMSolverMultistepScheduler
     assert torch.equal(sample(loaded, num_inference_steps=3, **TEXT_KW), want)
+    # the saved folder samples from the command line too (in this process: the real entry point's main)
+    png = tmp_path.parent / f"{tmp_path.name}-grid.png"
+    rc = main(["sample", str(tmp_path), "--prompt", "a red cube", "--num-images", "2", "--steps", "2",
+               "--scheduler", "euler", "--output", str(png)])
+    assert rc == 0 and Image.open(png).size[0] >= 2 * 16
 
 
 def test_constructor_checks(teacher, tmp_path):
