@@ -39,11 +39,11 @@ def check_widths(width: float | list[float]) -> None:
             raise ConfigError(f"students.width: multiplier must be in (0, 4], got {w}")
 
 
-def check_layers(layers_per_block: int | list[int] | None) -> None:
-    """Each ``layers_per_block`` given is >= 1."""
+def check_layers(layers_per_block: int | list[int] | None, key: str = "students.layers_per_block") -> None:
+    """Each layer count given is >= 1."""
     for v in layers_per_block if isinstance(layers_per_block, list) else [layers_per_block]:
         if v is not None and v < 1:
-            raise ConfigError(f"students.layers_per_block: must be >= 1, got {v}")
+            raise ConfigError(f"{key}: must be >= 1, got {v}")
 
 
 def check_per_segment(width: float | list[float], layers_per_block: int | list[int] | None, n: int) -> None:

@@ -97,6 +97,9 @@ class StudentsConfig(Section):
     unet: dict | None = None  # explicit UNet2DModel config (teachers that are not UNet2DModel)
     init: Literal["teacher", "scratch"] = "teacher"
     drop_mid_block: bool = False  # BK-SDM-Small style: no mid block (conditional UNets)
+    # KOALA style (SDXL-like teachers): transformer layers in each attention block, for every student; an int, or
+    # one per down block (SDXL base has [1, 2, 10]; [1, 2, 5] halves the deep stage); None keeps the teacher's
+    transformer_layers_per_block: int | list[int] | None = None
 
     @field_validator("width")
     @classmethod
@@ -108,6 +111,12 @@ class StudentsConfig(Section):
     @classmethod
     def _layers_at_least_one(cls, v: int | list[int] | None) -> int | list[int] | None:
         checks.check_layers(v)
+        return v
+
+    @field_validator("transformer_layers_per_block")
+    @classmethod
+    def _transformer_layers_at_least_one(cls, v: int | list[int] | None) -> int | list[int] | None:
+        checks.check_layers(v, "students.transformer_layers_per_block")
         return v
 
 

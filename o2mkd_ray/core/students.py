@@ -81,7 +81,7 @@ def build_students(cfg: Config, teacher: nn.Module, n: int) -> list[UNet]:
 
     Args:
         cfg: the run config (``students.width``/``layers_per_block`` may be one value or one per segment;
-            ``students.drop_mid_block`` applies to all).
+            ``students.drop_mid_block`` and ``students.transformer_layers_per_block`` apply to all).
         teacher: the teacher network (see :func:`build_student`).
         n: number of segments.
     Returns:
@@ -95,6 +95,7 @@ def build_students(cfg: Config, teacher: nn.Module, n: int) -> list[UNet]:
         with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG stream untouched
             torch.manual_seed(cfg.train.seed + k)
             students.append(
-                build_student(teacher, widths[k], layers[k], st.unet, st.init, drop_mid_block=st.drop_mid_block)
+                build_student(teacher, widths[k], layers[k], st.unet, st.init, drop_mid_block=st.drop_mid_block,
+                              transformer_layers_per_block=st.transformer_layers_per_block)
             )
     return students

@@ -183,4 +183,5 @@ def _check_students(st, n: int, teacher_like) -> None:
             return
         tcfg = teacher_unet_config(teacher_like())
         for w, lp in sorted(set(zip(widths, layers)), key=str):
-            make_unet(student_config(tcfg, w, lp, drop_mid_block=st.drop_mid_block), "students.width")
+            make_unet(student_config(tcfg, w, lp, drop_mid_block=st.drop_mid_block,
+                                     transformer_layers_per_block=st.transformer_layers_per_block), "students.width")

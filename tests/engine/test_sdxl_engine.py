@@ -71,10 +71,25 @@ def test_sdxl_pipeline_folder_samples_through_the_cli_and_mlflow(sdxl_run, tmp_p
     assert "pipeline" in {x.path for x in client.list_artifacts(report["mlflow"]["run_id"])}
 
 
-def test_sdxl_local_engine_trains_the_same_way(tiny_sdxl_dir, prompts_file, tmp_path):
+def test_sdxl_local_engine_trains_koala_style_students(tiny_sdxl_dir, prompts_file, tmp_path):
     from o2mkd_ray.engine.session import run_local
+    from o2mkd_ray.pipelines.stable_diffusion_xl import O2MKDStableDiffusionXLPipeline
 
-    cfg = _cfg(tiny_sdxl_dir, prompts_file, "train.steps=4", "train.checkpoint_every=2")
+    cfg = _cfg(tiny_sdxl_dir, prompts_file, "train.steps=4", "train.checkpoint_every=2",
+               "students.transformer_layers_per_block=[1,1]")
     report = run_local(cfg, tmp_path / "local", progress=False)
     assert [s["steps"] for s in report["segments"]] == [4, 4]
-    assert (tmp_path / "local" / "pipeline" / "text_encoder_2").is_dir()
+    pipe = O2MKDStableDiffusionXLPipeline.from_pretrained(tmp_path / "local" / "pipeline")
+    student = pipe.unet.student(0)
+    # the tiny teacher has (1, 2) transformer layers; the config asked for (1, 1)
+    assert len(student.down_blocks[1].attentions[0].transformer_blocks) == 1
+    assert student.config.transformer_layers_per_block == [1, 1]
+
+
+@pytest.mark.parametrize("name", ["sdxl_tiny", "sdxl_base"])
+def test_sdxl_example_configs_pass_the_dry_run(name, tiny_sdxl_dir, tmp_path):
+    from o2mkd_ray.cli import main
+
+    extra = ["--set", f"teacher.pretrained={tiny_sdxl_dir}"] if name == "sdxl_tiny" else []
+    assert main(["distill", str(ROOT / "pipelines" / f"{name}.yaml"), "--dry-run", "--out", str(tmp_path / "d"),
+                 *extra]) == 0
