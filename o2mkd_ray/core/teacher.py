@@ -196,6 +196,14 @@ def cond_kwargs(cond: torch.Tensor | None, device=None, dtype: torch.dtype | Non
     return {"encoder_hidden_states": cond.to(device=device, dtype=dtype if dtype is not None else cond.dtype)}
 
 
+def batch_cond(items) -> torch.Tensor | None:
+    """The conditioning of dataset items ``(x_0, cond)`` as one batch (``default_collate``: tensors stacked to
+    ``(B, ...)``, mappings batched per key), for :func:`cond_kwargs`; None for unconditional items ``(x_0,)``."""
+    from torch.utils.data import default_collate
+
+    return default_collate([it[1] for it in items]) if len(items[0]) > 1 else None
+
+
 def read_json_config(path: Path, key: str) -> dict:
     try:
         out = json.loads(path.read_text())

@@ -143,13 +143,15 @@ def _fill_point(point: dict, param_space: dict, base: dict) -> dict:
     return out
 
 
-def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats=None) -> list[dict]:
+def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats=None,
+                out: str | Path | None = None) -> list[dict]:
     """``points_to_evaluate``: for every n of the space, the boundaries proposed from the teacher's features
     (:func:`o2mkd_ray.tune.analysis.propose_boundaries`), then the uniform ones (duplicates dropped).
 
     Args:
         space: the space (needs ``ordered_cuts``); cfg: the base config (teacher, data); trial_base: the config
-            dict trials start from; T: the teacher's timesteps; stats: precomputed feature statistics.
+            dict trials start from; T: the teacher's timesteps; stats: precomputed feature statistics; out: where
+            the statistics of a text-to-image teacher cache its caption data (``out/cache``; None: no cache).
     Returns:
         Points of the space's ``param_space`` (complete ones for optuna and hyperopt).
     Raises:
@@ -163,7 +165,7 @@ def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats
     base_n = from_dict(trial_base).segments.n
     ns = space.n_values(base_n)
     max_n = max(ns)
-    stats = feature_stats(cfg) if stats is None else stats
+    stats = feature_stats(cfg, out=out) if stats is None else stats
     seeds = [propose_boundaries(cfg, n, stats=stats) for n in ns if n > 1]
     seeds += [list(Segments.uniform(T, n).boundaries) for n in ns]
     points, seen = [], set()
@@ -209,7 +211,7 @@ def run_tuning(cfg: Config, space, out: str | Path, num_samples: int | None = No
     """
     plan = plan_search(cfg, space, out, num_samples, resume)
     seeded = seed_from_analysis and not plan.restoring
-    claim_folder(plan, seed_points(plan.space, cfg, plan.trial_base, plan.T) if seeded else [])
+    claim_folder(plan, seed_points(plan.space, cfg, plan.trial_base, plan.T, out=plan.tdir) if seeded else [])
     if tracker_factory is None and cfg.mlflow.enabled:
         from o2mkd_ray.tracking.tracker import resolve_tracking_uri
 
