@@ -9,6 +9,7 @@ Every test takes the teacher kind as a parameter: a further text-to-image kind i
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 
@@ -68,7 +69,8 @@ def _built_run(cfg, out):
 def test_objectives_and_cost_read_the_captions(kind, teacher_dir, prompts_file, tmp_path):
     """Students equal to the teacher agree with it exactly under the same captions (both objectives 0); half-width
     students do not; the cost is report.json's, counted on the conditional forward at the tokenizer's length."""
-    from o2mkd_ray.core.costs import forward_cost, sampler_timesteps, sampling_cost as run_cost
+    from o2mkd_ray.core.costs import forward_cost, sampler_timesteps
+    from o2mkd_ray.core.costs import sampling_cost as run_cost
     from o2mkd_ray.core.sd import text_length
     from o2mkd_ray.core.teacher import sample_shape
     from o2mkd_ray.tune.trial import objective_value, sampling_cost
@@ -106,7 +108,12 @@ def test_analyze_measures_the_teacher_under_its_captions(kind, teacher_dir, prom
     from o2mkd_ray.cli.main import main
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.distill.run_folder import run_dataset
-    from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries, teacher_feature_stats, timestep_grid
+    from o2mkd_ray.tune.analysis import (
+        feature_stats,
+        propose_boundaries,
+        teacher_feature_stats,
+        timestep_grid,
+    )
 
     folder = teacher_dir(kind)
     sets = [a for o in sd_overrides(folder, prompts_file) for a in ("--set", o)]
@@ -114,7 +121,7 @@ def test_analyze_measures_the_teacher_under_its_captions(kind, teacher_dir, prom
                  "--timesteps", "8", "--out", str(tmp_path), *sets]) == 0
     b = yaml.safe_load((tmp_path / "analysis" / "boundaries.yaml").read_text())["segments"]["boundaries"]
     assert len(b) == 4 and b[0] == 0 and b[-1] == T and all(0 < x < T for x in b[1:-1])
-    assert all(x < y for x, y in zip(b, b[1:])), b
+    assert all(x < y for x, y in itertools.pairwise(b)), b
     assert (tmp_path / "analysis" / "feature_boxplot.png").stat().st_size > 5000
     assert len(list((tmp_path / "cache").glob("cond-*.safetensors"))) == 1
 
