@@ -151,7 +151,9 @@ def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats
     Args:
         space: the space (needs ``ordered_cuts``); cfg: the base config (teacher, data); trial_base: the config
             dict trials start from; T: the teacher's timesteps; stats: precomputed feature statistics; out: where
-            the statistics of a text-to-image teacher cache its caption data (``out/cache``; None: no cache).
+            the statistics of a text-to-image teacher cache its caption data (``out/cache``; None: no cache). Without
+            ``stats``, :func:`~o2mkd_ray.tune.analysis.feature_stats` with the space's ``analysis_images`` and
+            ``analysis_timesteps``.
     Returns:
         Points of the space's ``param_space`` (complete ones for optuna and hyperopt).
     Raises:
@@ -165,7 +167,8 @@ def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats
     base_n = from_dict(trial_base).segments.n
     ns = space.n_values(base_n)
     max_n = max(ns)
-    stats = feature_stats(cfg, out=out) if stats is None else stats
+    if stats is None:
+        stats = feature_stats(cfg, space.search["analysis_images"], space.search["analysis_timesteps"], out=out)
     seeds = [propose_boundaries(cfg, n, stats=stats) for n in ns if n > 1]
     seeds += [list(Segments.uniform(T, n).boundaries) for n in ns]
     points, seen = [], set()

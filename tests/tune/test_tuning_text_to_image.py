@@ -148,7 +148,10 @@ def test_two_trial_tune_on_a_text_to_image_teacher(kind, ray_local, teacher_dir,
     from o2mkd_ray.cli.main import main
     from o2mkd_ray.config.loading import from_dict, load_config
     from o2mkd_ray.core.teacher import load_teacher, sample_shape
+    from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries
+    from o2mkd_ray.tune.resolve import apply_budget, resolve_trial_config
     from o2mkd_ray.tune.search import run_tuning
+    from o2mkd_ray.tune.space import load_space
     from o2mkd_ray.tune.trial import sampling_cost
 
     space = tmp_path / "space.yaml"
@@ -159,14 +162,20 @@ def test_two_trial_tune_on_a_text_to_image_teacher(kind, ray_local, teacher_dir,
         "budget": {"train.steps": 4, "train.checkpoint_every": 2, "ray.cpus_per_worker": 0.2,
                    "teacher.num_cpus": 0.1},
         "search": {"algorithm": "random", "scheduler": "none", "objective": "fidelity", "num_samples": 2,
-                   "max_concurrent": 2, "eval_images": 2, "eval_steps": 2, "seed": 3},
+                   "max_concurrent": 2, "eval_images": 2, "eval_steps": 2, "seed": 3, "analysis_images": 4,
+                   "analysis_timesteps": 8},
     }))
     cfg = _cfg(teacher_dir(kind), prompts_file)
     out = tmp_path / "out"
     df = run_tuning(cfg, space, out, seed_from_analysis=True)
+    # the first trials: the analysis proposal for n=2 (from the captions cached in OUT/tune/cache), uniform n=1
     seeded = json.loads((out / "tune" / "tune.json").read_text())["points_to_evaluate"]
-    assert [p["segments.n"] for p in seeded] == [2, 1]  # the analysis proposal for n=2, then uniform n=1
-    assert len(list((out / "tune" / "cache").glob("cond-*.safetensors"))) == 1  # the analysis' captions
+    assert len(list((out / "tune" / "cache").glob("cond-*.safetensors"))) == 1
+    sp = load_space(space)
+    got = [resolve_trial_config(apply_budget(cfg, sp.budget), {**sp.constants(), **p}, T).segments.boundaries
+           for p in seeded]
+    cut = propose_boundaries(cfg, 2, stats=feature_stats(cfg, 4, 8, out=out / "tune"))[1]
+    assert got == [[0, min(max(cut, 100), 900), T], [0, T]]  # the proposal, moved into [low, high]·T if outside
 
     res = pd.read_csv(out / "tune" / "results.csv")
     assert len(res) == len(df) == 2 and set(res["status"]) == {"TERMINATED"}, res.to_dict("records")
