@@ -196,7 +196,7 @@ def cond_kwargs(cond: torch.Tensor | None, device=None, dtype: torch.dtype | Non
     return {"encoder_hidden_states": cond.to(device=device, dtype=dtype if dtype is not None else cond.dtype)}
 
 
-def batch_cond(items) -> torch.Tensor | None:
+def batch_cond(items) -> torch.Tensor | dict | None:
     """The conditioning of dataset items ``(x_0, cond)`` as one batch (``default_collate``: tensors stacked to
     ``(B, ...)``, mappings batched per key), for :func:`cond_kwargs`; None for unconditional items ``(x_0,)``."""
     from torch.utils.data import default_collate
