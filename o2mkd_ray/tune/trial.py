@@ -86,10 +86,10 @@ def objective_value(cfg: Config, out: str | Path, objective: str, teacher, sched
             (:func:`~o2mkd_ray.distill.run_folder.run_dataset`: for a text-to-image teacher the run's cached
             caption latents, each with its own caption's conditioning). ``fidelity``: image MSE of the students
             vs the teacher from the same noise: DDIM for unconditional runs
-            (:func:`~o2mkd_ray.eval.metrics.trajectory_fidelity`); for text-to-image runs the evaluation
-            ``o2mkd-ray eval`` runs (:func:`~o2mkd_ray.eval.text_to_image.evaluate_sd_run`: the teacher pipeline
-            and the run's pipeline on the same ``images`` prompts, latents, guidance and sampler; its report
-            lands in ``out/eval/``).
+            (:func:`~o2mkd_ray.eval.metrics.trajectory_fidelity`); for text-to-image runs the pixel MSE of the
+            evaluation ``o2mkd-ray eval`` runs (:func:`~o2mkd_ray.eval.evaluate.evaluate_run`: the teacher
+            pipeline and the run's pipeline on the same ``images`` prompts, latents, guidance and sampler; its
+            report lands in ``out/eval/``).
         samples: agreement draws; images, steps: fidelity's (default ``eval.num_images``, ``eval.steps``).
     Returns:
         ``quality`` and the objective's own numbers.
@@ -110,9 +110,9 @@ def objective_value(cfg: Config, out: str | Path, objective: str, teacher, sched
         raise ConfigError(f"search.objective: must be agreement or fidelity, got {objective!r}")
     images, steps = images or cfg.eval.num_images, steps or cfg.eval.steps
     if is_text_to_image(cfg):
-        from o2mkd_ray.eval.text_to_image import evaluate_sd_run
+        from o2mkd_ray.eval.evaluate import evaluate_run
 
-        px = evaluate_sd_run(out, cfg, images, steps, latency_repeats=0)["pixel"]
+        px = evaluate_run(out, images, steps, latency_repeats=0, device="cpu")["pixel"]
     else:
         from o2mkd_ray.eval.metrics import trajectory_fidelity
         from o2mkd_ray.pipelines.unconditional import O2MKDPipeline

@@ -52,8 +52,8 @@ def _cfg(folder, prompts, *extra):
 
 
 def _built_run(cfg, out):
-    """A run folder whose pipeline holds students built from the teacher (teacher-slice init), as distill
-    assembles it; the caption cache is left for the objective to build."""
+    """A run folder (``config.json``, ``pipeline/``) whose students are built from the teacher (teacher-slice
+    init); the caption cache is left for the objective to build."""
     from o2mkd_ray.core.students import build_students
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.pipelines.build import build_sd_pipeline, teacher_sd_pipeline
@@ -62,6 +62,7 @@ def _built_run(cfg, out):
     students = build_students(cfg, teacher, cfg.segments.n)
     build_sd_pipeline(students, cfg.segments.boundaries, teacher_sd_pipeline(cfg, teacher),
                       cfg.sampling.scheduler).save_pretrained(out / "pipeline")
+    (out / "config.json").write_text(cfg.to_json())
     return teacher, sched
 
 
