@@ -139,6 +139,26 @@ def test_analyze_measures_the_teacher_under_its_captions(kind, teacher_dir, prom
     assert not torch.equal(data[0][1], uncond[0])
 
 
+@pytest.mark.parametrize("kind", list(TEACHERS))
+def test_tune_preflight_checks_text_to_image_inputs_before_ray(kind, teacher_dir, prompts_file, tmp_path):
+    """The search's pre-flight runs the text-to-image checks (prompts file, complete model folder) once, before
+    any Ray work or output folder."""
+    import shutil
+
+    from o2mkd_ray.errors import ConfigError
+    from o2mkd_ray.tune.search import run_tuning
+
+    space = {"segments.n": {"choice": [2]}, "students.width": {"per_segment_choice": [0.5]}}
+    with pytest.raises(ConfigError, match="data.path: prompts file .*missing.txt' does not exist"):
+        run_tuning(_cfg(teacher_dir(kind), tmp_path / "missing.txt"), space, tmp_path / "a")
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher_dir(kind), broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ConfigError, match=r"not a complete Stable Diffusion folder \(missing vae/\)"):
+        run_tuning(_cfg(broken, prompts_file), space, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", TUNED)
