@@ -25,9 +25,11 @@ Each trial runs :func:`o2mkd_ray.engine.driver.run_distillation` (its segments' 
 the trial) into ``OUT/tune/trials/<trial_id>``. While training, the trial reports ``quality`` = mean over
 segments of the students' held-out KD loss (``val_loss``) each time every segment has reached a step, so ASHA
 (``time_attr="step"``) can stop bad trials; the scheduler decides on ``val_loss`` (the same numbers), because
-the final report replaces ``quality`` by the objective (teacher-agreement ε MSE, or trajectory-fidelity image
-MSE), which is on another scale for ``fidelity``. ``cost`` = sampling MACs relative to the teacher, averaged
-over the timesteps (each segment's student MACs weighted by its share of ``[0, T)``).
+the final report replaces ``quality`` by the objective (teacher-agreement output MSE, or image MSE against the
+teacher from the same noise; unconditional and text-to-image teachers alike, :func:`o2mkd_ray.tune.trial.
+objective_value`), which is on another scale for ``fidelity``. ``cost`` = sampling MACs of one run of the
+config's sampler relative to the teacher's, each step on the student owning it
+(:func:`o2mkd_ray.tune.trial.sampling_cost`, ``report.json``'s ``macs_ratio_per_step``).
 
 A trial runs its trainers without Train-level retries (``ray.max_failures = 0``) and, when the scheduler stops
 it, aborts them before Tune frees the trial's resources (:mod:`o2mkd_ray.tune.stopping`), so that no
