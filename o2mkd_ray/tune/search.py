@@ -26,8 +26,8 @@ the trial) into ``OUT/tune/trials/<trial_id>``. While training, the trial report
 segments of the students' held-out KD loss (``val_loss``) each time every segment has reached a step, so ASHA
 (``time_attr="step"``) can stop bad trials; the scheduler decides on ``val_loss`` (the same numbers), because
 the final report replaces ``quality`` by the objective (teacher-agreement output MSE, or image MSE against the
-teacher from the same noise; unconditional and text-to-image teachers alike, :func:`o2mkd_ray.tune.trial.
-objective_value`), which is on another scale for ``fidelity``. ``cost`` = sampling MACs of one run of the
+teacher from the same noise; unconditional and text-to-image teachers alike,
+:func:`o2mkd_ray.tune.trial.objective_value`), which is on another scale for ``fidelity``. ``cost`` = sampling MACs of one run of the
 config's sampler relative to the teacher's, each step on the student owning it
 (:func:`o2mkd_ray.tune.trial.sampling_cost`, ``report.json``'s ``macs_ratio_per_step``).
 
