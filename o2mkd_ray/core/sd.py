@@ -78,6 +78,19 @@ def load_sd_components(spec: str, dtype: torch.dtype = torch.float32) -> dict:
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
 
 
+def text_length(spec: str) -> int:
+    """Tokens per prompt the teacher's UNet attends to: its tokenizer's ``model_max_length`` (77 for SD), the
+    ``encoder_hidden_states`` length that the pipeline's text encoder gives and that costs count."""
+    from transformers import CLIPTokenizer
+
+    try:
+        return int(CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer").model_max_length)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"teacher.pretrained: could not load the Stable Diffusion tokenizer from {spec!r}: "
+                          f"{first}") from None
+
+
 def vae_scale_factor(vae) -> int:
     """Pixels per latent cell (8 for SD 1.x), as StableDiffusionPipeline computes it."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

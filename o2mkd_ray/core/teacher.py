@@ -17,7 +17,7 @@ from torch import nn
 
 from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.config.schema import TeacherConfig
-from o2mkd_ray.core.conditioning import cond_kwargs
+from o2mkd_ray.core.conditioning import cond_kwargs, from_items
 from o2mkd_ray.core.features import FeatureHooks, dummy_cond, hookable_blocks
 from o2mkd_ray.core.targets import check_prediction_type, prediction_type
 from o2mkd_ray.errors import ConfigError
@@ -193,6 +193,13 @@ class TeacherFn:
         _, feats = self(x, torch.zeros(1, dtype=torch.long, device=self.device), features=True,
                         cond=dummy_cond(self.model))
         return {k: int(v.shape[1]) for k, v in feats.items()}
+
+
+def batch_cond(items):
+    """The conditioning of dataset items ``(x_0, *cond)`` as one batch (each entry stacked to ``(B, ...)``; SDXL's
+    entries as a dict, :func:`o2mkd_ray.core.conditioning.from_items`), for
+    :func:`~o2mkd_ray.core.conditioning.cond_kwargs`; None for unconditional items ``(x_0,)``."""
+    return from_items([torch.stack([it[j] for it in items]) for j in range(1, len(items[0]))])
 
 
 def read_json_config(path: Path, key: str) -> dict:

@@ -13,9 +13,8 @@ from o2mkd_ray.core.background import BatchingSender
 from o2mkd_ray.distill.checkpoints import MANIFEST
 from o2mkd_ray.distill.run_folder import (
     finished_summary,
-    is_text_to_image,
-    load_cond_data,
     prepare_run,
+    run_dataset,
     save_segment,
     segment_summary,
 )
@@ -60,7 +59,6 @@ def train_local(cfg: Config, out, progress: bool = True, on_report: Callable[[in
     """
     from o2mkd_ray.core.students import build_students
     from o2mkd_ray.core.teacher import LocalTeacher, TeacherFn
-    from o2mkd_ray.data.build import build_dataset
     from o2mkd_ray.distill.loop import run_segment
 
     t_start = time.time()
@@ -68,14 +66,7 @@ def train_local(cfg: Config, out, progress: bool = True, on_report: Callable[[in
     fn = TeacherFn(teacher, cfg.kd.feature_blocks)
     channels = fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {}
     lt = LocalTeacher(fn)
-    uncond = None
-    if is_text_to_image(cfg):
-        from o2mkd_ray.data.cond_cache import cond_dataset
-
-        cond = load_cond_data(cfg, out, teacher, scheduler, lt)
-        dataset, uncond = cond_dataset(cond)
-    else:
-        dataset = build_dataset(cfg.data)
+    dataset, uncond = run_dataset(cfg, out, teacher, scheduler, lt)
     students = build_students(cfg, teacher, segments.n)
     live = BatchingSender(lambda items: [on_report(int(m["segment"]), m) for m in items]) if on_report else None
     try:

@@ -86,13 +86,37 @@ def is_text_to_image(cfg: Config) -> bool:
     return teacher_kind(cfg.teacher) in TEXT_TO_IMAGE_KINDS
 
 
-def load_cond_data(cfg: Config, out: Path, teacher, scheduler, teacher_fn) -> dict:
-    """Text-to-image runs: cached caption latents + embeddings (OUT/cache), synthesised by ``teacher_fn`` if needed."""
+def load_cond_data(cfg: Config, out: Path | None, teacher, scheduler, teacher_fn) -> dict:
+    """Text-to-image runs: cached caption latents + embeddings (OUT/cache; not cached when ``out`` is None),
+    synthesised by ``teacher_fn`` if needed (None: the teacher in-process)."""
     from o2mkd_ray.data.cond_cache import build_cond_data
 
     t0 = time.time()
-    cond = build_cond_data(cfg, teacher, dict(scheduler.config), teacher=teacher_fn, cache_dir=out / "cache",
+    cond = build_cond_data(cfg, teacher, dict(scheduler.config), teacher=teacher_fn,
+                           cache_dir=Path(out) / "cache" if out is not None else None,
                            log=lambda m: log.warning("%s", m))
     log.warning("text-to-image data: %d captions, latents %s, embeddings %s (%.1f s)", len(cond["prompts"]),
                 tuple(cond["latents"].shape), tuple(cond["embeds"].shape), time.time() - t0)
     return cond
+
+
+def run_dataset(cfg: Config, out: Path | None, teacher, scheduler, teacher_fn=None):
+    """The data students are distilled on, for every teacher kind: ``(dataset, uncond)``.
+
+    Unconditional teachers: the config's dataset (items ``(x_0,)``) and None. Text-to-image teachers: the caption
+    latents with their conditioning (items ``(x_0, cond)``, :func:`~o2mkd_ray.data.cond_cache.cond_dataset`) from
+    :func:`load_cond_data`, and the empty prompt's conditioning. Everything that feeds a teacher the run's data
+    (the local engine, tune's objectives, the feature analysis) takes it from here, so a new text-to-image kind
+    plugs in through its cached conditioning, not through each caller.
+
+    Args:
+        out: the run folder holding the text-to-image cache (None: not cached); teacher_fn: see
+            :func:`load_cond_data`.
+    """
+    if is_text_to_image(cfg):
+        from o2mkd_ray.data.cond_cache import cond_dataset
+
+        return cond_dataset(load_cond_data(cfg, out, teacher, scheduler, teacher_fn))
+    from o2mkd_ray.data.build import build_dataset
+
+    return build_dataset(cfg.data), None

@@ -12,10 +12,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from o2mkd_ray.core.conditioning import cond_kwargs
 from o2mkd_ray.core.schedulers import make_scheduler
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.targets import task_target
-from o2mkd_ray.core.teacher import eps_of
+from o2mkd_ray.core.teacher import batch_cond, eps_of
 from o2mkd_ray.eval.fid import FID_SEED_OFFSET
 from o2mkd_ray.eval.measures import PSNR_CAP_DB, image_fidelity, paired_latency, sample_shape_of
 from o2mkd_ray.eval.sampling import sampling_state, student_images, teacher_images
@@ -42,9 +43,12 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
     Args:
         multi: a :class:`MultiStudentUNet` (routes each sample to the student owning its t).
         teacher_fn: ``teacher_fn(x_t, t) -> (eps, feats)`` (a :class:`~o2mkd_ray.core.teacher.TeacherFn`), or a
-            model.
+            model; with a conditioned dataset it is called as the students are, with the conditioning's UNet
+            kwargs (:func:`~o2mkd_ray.core.teacher.cond_kwargs`), so pass the teacher model.
         scheduler: the teacher's training noise scheduler (``add_noise``, ``prediction_type``).
-        dataset: items ``(x_0,)`` with ``x_0: (C, H, W)``.
+        dataset: items ``(x_0,)`` with ``x_0: (C, H, W)``, or ``(x_0, cond)`` for a text-to-image teacher (the
+            caption latents and their conditioning, :func:`~o2mkd_ray.distill.run_folder.run_dataset`): teacher
+            and students then see each x_0's own caption.
         segments: :class:`Segments` or boundaries; default ``multi.segments``.
         num_samples: number of ``(x_0, ε, t)`` draws.
         num_buckets: equal-width timestep buckets over ``[0, T)``.
@@ -72,12 +76,14 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
     t = t.clamp(0, T - 1)
     mse, task = [], []
     for s in range(0, num_samples, batch_size):
-        x_0 = torch.stack([dataset[int(i)][0] for i in idx[s:s + batch_size]])  # (B, C, H, W)
+        items = [dataset[int(i)] for i in idx[s:s + batch_size]]
+        x_0 = torch.stack([it[0] for it in items])  # (B, C, H, W)
+        kw = cond_kwargs(batch_cond(items), p.device)  # {} for unconditional items
         t_b = t[s:s + batch_size]
         eps = torch.randn(x_0.shape, generator=g)
         x_t = scheduler.add_noise(x_0, eps, t_b)
-        eps_S = multi(x_t.to(p.device, p.dtype), t_b.to(p.device)).sample.float().cpu()
-        eps_T = eps_of(teacher_fn(x_t.to(p.device), t_b.to(p.device))).float().cpu()
+        eps_S = multi(x_t.to(p.device, p.dtype), t_b.to(p.device), **kw).sample.float().cpu()
+        eps_T = eps_of(teacher_fn(x_t.to(p.device), t_b.to(p.device), **kw)).float().cpu()
         mse.append(((eps_S - eps_T) ** 2).flatten(1).mean(1))
         task.append(((eps_T - task_target(scheduler, x_0, eps, t_b)) ** 2).flatten(1).mean(1))
     df = pd.DataFrame({"t": t.numpy(), "segment": segments.owner(t).numpy(),

@@ -25,6 +25,28 @@ def load_student(checkpoint_dir: str | Path, use_ema: bool = True) -> nn.Module:
     return getattr(diffusers, cls).from_pretrained(d)
 
 
+def load_saved_students(pipeline_dir: str | Path):
+    """The :class:`MultiStudentUNet` of a saved O2MKD pipeline folder, whatever the pipeline (its component is
+    found by class in ``model_index.json``: ``students`` in the unconditional pipeline, ``unet`` in text-to-image
+    ones), without loading the other components.
+
+    Raises:
+        ConfigError: the folder has no ``model_index.json`` naming a MultiStudentUNet component.
+    """
+    import json
+
+    from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
+
+    d = Path(pipeline_dir)
+    index = json.loads((d / "model_index.json").read_text()) if (d / "model_index.json").is_file() else {}
+    names = [k for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2
+             and v[1] == MultiStudentUNet.__name__]
+    if len(names) != 1:
+        raise ConfigError(f"pipeline folder {str(d)!r} has no MultiStudentUNet component in model_index.json; "
+                          "give OUT/pipeline of an o2mkd-ray distill run")
+    return MultiStudentUNet.from_pretrained(d / names[0])
+
+
 def build_pipeline(students: list[nn.Module], boundaries, scheduler, value_range):
     from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
     from o2mkd_ray.pipelines.unconditional import O2MKDPipeline

@@ -5,6 +5,14 @@ along t. This module measures them on a fixed sample of ``x_0`` (and a fixed ε 
 proposes segment boundaries where they shift most: the optimal k-segmentation of the standardised statistics
 trajectory (exact dynamic programming over the timestep grid, minimising the within-segment sum of squares).
 
+Text-to-image teachers are measured on the data distill trains their students on
+(:func:`~o2mkd_ray.distill.run_folder.run_dataset`): ``x_0`` are the caption latents and each is fed with its own
+caption's conditioning. Not the empty prompt: the students are trained (and sampled, the conditional branch of
+guidance) mostly on captions, and cross-attention makes the features depend on the text, so statistics under the
+empty prompt alone would describe the branch the students see least (``data.uncond_prob``). The latents and
+embeddings are cached as a distill run caches them (``OUT/cache``), so a later ``distill`` into the same folder
+reuses them.
+
 Plain torch (no Ray). ``analyze(cfg, OUT)`` writes ``OUT/analysis/``: ``feature_boxplot.png``, ``stats.csv``,
 ``boundaries.yaml`` (a config snippet ``segments: {boundaries: [...]}``).
 """
@@ -22,6 +30,8 @@ import yaml
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_file, write_text
+from o2mkd_ray.core.conditioning import cond_kwargs
+from o2mkd_ray.core.teacher import batch_cond
 from o2mkd_ray.errors import ConfigError
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -61,24 +71,26 @@ def _hooked_blocks(teacher: torch.nn.Module, blocks: Sequence[str] | None) -> li
     return blocks
 
 
-def _fixed_sample(dataset, num_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # num_images x_0 (the dataset repeated if smaller) and one ε each, from one generator: the same at every t
+def _fixed_sample(dataset, num_images: int, seed: int) -> tuple[list, torch.Tensor]:
+    # num_images items (the dataset repeated if smaller) and one ε each, from one generator: the same at every t
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g)
     idx = order.repeat(math.ceil(num_images / len(dataset)))[:num_images]
-    x_0 = torch.stack([dataset[int(i)][0] for i in idx]).float()  # (N, C, H, W)
-    return x_0, torch.randn(x_0.shape, generator=g)
+    items = [dataset[int(i)] for i in idx]
+    return items, torch.randn((len(items), *items[0][0].shape), generator=g)
 
 
-def _activations(teacher, hooks, blocks: list[str], scheduler, x_0, eps, t: int, batch_size: int) -> dict:
+def _activations(teacher, hooks, blocks: list[str], scheduler, items: list, eps, t: int, batch_size: int) -> dict:
     # every hooked block's output activations at timestep t, flattened over the whole sample
     p = next(teacher.parameters())
     acts: dict[str, list[torch.Tensor]] = {b: [] for b in blocks}
-    for s in range(0, len(x_0), batch_size):
-        x0_b, eps_b = x_0[s:s + batch_size], eps[s:s + batch_size]
+    for s in range(0, len(items), batch_size):
+        batch, eps_b = items[s:s + batch_size], eps[s:s + batch_size]
+        x0_b = torch.stack([it[0] for it in batch]).float()  # (B, C, H, W)
         t_b = torch.full((len(x0_b),), int(t), dtype=torch.long)
         hooks.clear()
-        teacher(scheduler.add_noise(x0_b, eps_b, t_b).to(p.device, p.dtype), t_b.to(p.device))
+        teacher(scheduler.add_noise(x0_b, eps_b, t_b).to(p.device, p.dtype), t_b.to(p.device),
+                **cond_kwargs(batch_cond(batch), p.device, p.dtype))
         for b in blocks:
             acts[b].append(hooks.features[b].float().flatten().cpu())
     return {b: torch.cat(a).double() for b, a in acts.items()}
@@ -100,13 +112,14 @@ def teacher_feature_stats(teacher: torch.nn.Module, scheduler, dataset, timestep
                           max_values: int = MAX_QUANTILE_VALUES) -> pd.DataFrame:
     """Distribution of each hooked block's output activations at each timestep.
 
-    The same ``num_images`` images ``x_0`` and the same noise ε are used at every t, so the rows differ only
-    by ``x_t = add_noise(x_0, ε, t)``.
+    The same ``num_images`` images ``x_0`` (with their conditioning, if any) and the same noise ε are used at
+    every t, so the rows differ only by ``x_t = add_noise(x_0, ε, t)``.
 
     Args:
         teacher: the ε-network (a diffusers UNet: ``down_blocks``, ``mid_block``, ``up_blocks``).
         scheduler: its training noise scheduler (``add_noise``).
-        dataset: items ``(x_0,)`` with ``x_0: (C, H, W)``.
+        dataset: items ``(x_0,)`` with ``x_0: (C, H, W)``, or ``(x_0, cond)`` for a text-to-image teacher (the
+            conditioning goes to the UNet through :func:`~o2mkd_ray.core.teacher.cond_kwargs`).
         timesteps: the grid of t.
         num_images: images drawn from the dataset (fixed generator; repeated if the dataset is smaller).
         blocks: block names; None: every :func:`~o2mkd_ray.core.features.hookable_blocks` entry.
@@ -123,12 +136,12 @@ def teacher_feature_stats(teacher: torch.nn.Module, scheduler, dataset, timestep
     from o2mkd_ray.core.features import FeatureHooks
 
     blocks = _hooked_blocks(teacher, blocks)
-    x_0, eps = _fixed_sample(dataset, num_images, seed)
+    items, eps = _fixed_sample(dataset, num_images, seed)
     cols = stat_columns(quantiles)
     rows = []
     with FeatureHooks(teacher, blocks, detach=True) as hooks:
         for t in timesteps:
-            acts = _activations(teacher, hooks, blocks, scheduler, x_0, eps, int(t), batch_size)
+            acts = _activations(teacher, hooks, blocks, scheduler, items, eps, int(t), batch_size)
             rows += [{"t": int(t), "block": b, **dict(zip(cols, _summary(v, quantiles, max_values,
                                                                          seed * 100_003 + int(t))))}
                      for b, v in acts.items()]
@@ -136,8 +149,12 @@ def teacher_feature_stats(teacher: torch.nn.Module, scheduler, dataset, timestep
 
 
 def feature_stats(cfg: Config, num_images: int = 64, num_timesteps: int = 50, blocks: Sequence[str] | None = None,
-                  seed: int = 0, device: str | None = None) -> pd.DataFrame:
+                  seed: int = 0, device: str | None = None, out: str | Path | None = None) -> pd.DataFrame:
     """:func:`teacher_feature_stats` for the teacher and dataset of a config, on an even grid of timesteps.
+
+    The dataset is the one distill trains on (:func:`~o2mkd_ray.distill.run_folder.run_dataset`): for a
+    text-to-image teacher, the caption latents each with its caption's conditioning (see the module docstring
+    for why captions rather than the empty prompt).
 
     Args:
         cfg: the run config (``teacher``, ``data``; ``kd.feature_blocks`` when ``blocks`` is None).
@@ -146,23 +163,23 @@ def feature_stats(cfg: Config, num_images: int = 64, num_timesteps: int = 50, bl
         blocks: block names; None: ``kd.feature_blocks``, else every hookable block.
         seed: generator seed.
         device: default CUDA when available, else CPU.
+        out: a folder whose ``cache/`` keeps a text-to-image teacher's caption latents and embeddings (as a
+            run folder does); None computes them without caching.
     Returns:
         See :func:`teacher_feature_stats`; ``df.attrs["num_train_timesteps"]`` holds T.
     """
     from o2mkd_ray.core.teacher import load_teacher
-    from o2mkd_ray.data.build import build_dataset
+    from o2mkd_ray.distill.run_folder import run_dataset
 
     if num_images < 1:
         raise ConfigError(f"analysis: --images must be >= 1, got {num_images}")
-    from o2mkd_ray.tune.trial import refuse_text_to_image
-
-    refuse_text_to_image(cfg, "analyze")
     teacher, scheduler = load_teacher(cfg.teacher)
     teacher.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     T = int(scheduler.config.num_train_timesteps)
     grid = timestep_grid(T, num_timesteps)
-    df = teacher_feature_stats(teacher, scheduler, build_dataset(cfg.data), grid, num_images,
-                               blocks or cfg.kd.feature_blocks, seed)
+    dataset, _ = run_dataset(cfg, Path(out).expanduser() if out is not None else None, teacher, scheduler)
+    df = teacher_feature_stats(teacher, scheduler, dataset, grid, num_images, blocks or cfg.kd.feature_blocks,
+                               seed)
     df.attrs["num_train_timesteps"] = T
     return df
 
@@ -320,7 +337,8 @@ def analyze(cfg: Config, out: str | Path, n: int | None = None, num_images: int 
 
     Args:
         cfg: the run config.
-        out: output folder; files go to ``out/analysis/``.
+        out: output folder; files go to ``out/analysis/`` (a text-to-image teacher's caption latents and
+            embeddings to ``out/cache/``, as in a run folder).
         n: number of segments (default ``cfg.segments.n``).
         num_images, num_timesteps, blocks, seed: see :func:`feature_stats`.
     Returns:
@@ -332,7 +350,7 @@ def analyze(cfg: Config, out: str | Path, n: int | None = None, num_images: int 
     n = cfg.segments.n if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"analysis: --n must be an integer >= 1, got {n!r}")
-    stats = feature_stats(cfg, num_images, num_timesteps, blocks, seed)
+    stats = feature_stats(cfg, num_images, num_timesteps, blocks, seed, out=out)
     T = stats.attrs["num_train_timesteps"]
     boundaries = propose_boundaries(cfg, n, stats=stats)
     timesteps, X = stats_trajectory(stats)

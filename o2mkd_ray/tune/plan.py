@@ -15,7 +15,6 @@ from o2mkd_ray.core.atomic import write_json
 from o2mkd_ray.errors import ConfigError
 from o2mkd_ray.tune.resolve import apply_budget, to_builtin
 from o2mkd_ray.tune.space import SearchSpace, check_space, check_students, load_space
-from o2mkd_ray.tune.trial import refuse_text_to_image
 
 # Config keys the engine's pre-flight (o2mkd_ray.engine.session.preflight) checks against files, installed
 # packages or the teacher. The search runs those checks once on the base and the budgeted config; a trial checks
@@ -103,7 +102,8 @@ def check_configs(*cfgs: Config) -> None:
     Args:
         cfgs: e.g. the base config and the budgeted one trials start from.
     Raises:
-        ConfigError: a text-to-image teacher (not supported by tune yet), or what the pre-flight rejects.
+        ConfigError: what the pre-flight rejects (for a text-to-image teacher also a missing ``sd`` extra, an
+            incomplete model folder or a bad prompts file).
     """
     from o2mkd_ray.core.teacher_checks import check_run
     from o2mkd_ray.data.build import check_data
@@ -113,7 +113,6 @@ def check_configs(*cfgs: Config) -> None:
         if cfg.to_dict() in seen:
             continue
         seen.append(cfg.to_dict())
-        refuse_text_to_image(cfg, "tune")
         check_run(cfg)
         check_data(cfg.data)
 

@@ -25,9 +25,11 @@ Each trial runs :func:`o2mkd_ray.engine.driver.run_distillation` (its segments' 
 the trial) into ``OUT/tune/trials/<trial_id>``. While training, the trial reports ``quality`` = mean over
 segments of the students' held-out KD loss (``val_loss``) each time every segment has reached a step, so ASHA
 (``time_attr="step"``) can stop bad trials; the scheduler decides on ``val_loss`` (the same numbers), because
-the final report replaces ``quality`` by the objective (teacher-agreement ε MSE, or trajectory-fidelity image
-MSE), which is on another scale for ``fidelity``. ``cost`` = sampling MACs relative to the teacher, averaged
-over the timesteps (each segment's student MACs weighted by its share of ``[0, T)``).
+the final report replaces ``quality`` by the objective (teacher-agreement output MSE, or image MSE against the
+teacher from the same noise; unconditional and text-to-image teachers alike,
+:func:`o2mkd_ray.tune.trial.objective_value`), which is on another scale for ``fidelity``. ``cost`` = sampling MACs of one run of the
+config's sampler relative to the teacher's, each step on the student owning it
+(:func:`o2mkd_ray.tune.trial.sampling_cost`, ``report.json``'s ``macs_ratio_per_step``).
 
 A trial runs its trainers without Train-level retries (``ray.max_failures = 0``) and, when the scheduler stops
 it, aborts them before Tune frees the trial's resources (:mod:`o2mkd_ray.tune.stopping`), so that no
@@ -143,13 +145,17 @@ def _fill_point(point: dict, param_space: dict, base: dict) -> dict:
     return out
 
 
-def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats=None) -> list[dict]:
+def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats=None,
+                out: str | Path | None = None) -> list[dict]:
     """``points_to_evaluate``: for every n of the space, the boundaries proposed from the teacher's features
     (:func:`o2mkd_ray.tune.analysis.propose_boundaries`), then the uniform ones (duplicates dropped).
 
     Args:
         space: the space (needs ``ordered_cuts``); cfg: the base config (teacher, data); trial_base: the config
-            dict trials start from; T: the teacher's timesteps; stats: precomputed feature statistics.
+            dict trials start from; T: the teacher's timesteps; stats: precomputed feature statistics; out: where
+            the statistics of a text-to-image teacher cache its caption data (``out/cache``; None: no cache). Without
+            ``stats``, :func:`~o2mkd_ray.tune.analysis.feature_stats` with the space's ``analysis_images`` and
+            ``analysis_timesteps``.
     Returns:
         Points of the space's ``param_space`` (complete ones for optuna and hyperopt).
     Raises:
@@ -163,7 +169,8 @@ def seed_points(space: SearchSpace, cfg: Config, trial_base: dict, T: int, stats
     base_n = from_dict(trial_base).segments.n
     ns = space.n_values(base_n)
     max_n = max(ns)
-    stats = feature_stats(cfg) if stats is None else stats
+    if stats is None:
+        stats = feature_stats(cfg, space.search["analysis_images"], space.search["analysis_timesteps"], out=out)
     seeds = [propose_boundaries(cfg, n, stats=stats) for n in ns if n > 1]
     seeds += [list(Segments.uniform(T, n).boundaries) for n in ns]
     points, seen = [], set()
@@ -209,7 +216,7 @@ def run_tuning(cfg: Config, space, out: str | Path, num_samples: int | None = No
     """
     plan = plan_search(cfg, space, out, num_samples, resume)
     seeded = seed_from_analysis and not plan.restoring
-    claim_folder(plan, seed_points(plan.space, cfg, plan.trial_base, plan.T) if seeded else [])
+    claim_folder(plan, seed_points(plan.space, cfg, plan.trial_base, plan.T, out=plan.tdir) if seeded else [])
     if tracker_factory is None and cfg.mlflow.enabled:
         from o2mkd_ray.tracking.tracker import resolve_tracking_uri
 

@@ -44,6 +44,8 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "eval_samples": 256,  # agreement: (x_0, ε, t) draws
     "eval_images": None,  # fidelity: images (default eval.num_images)
     "eval_steps": None,  # fidelity: DDIM steps (default eval.steps)
+    "analysis_images": 64,  # --seed-from-analysis: x_0 per timestep of the feature statistics (as analyze)
+    "analysis_timesteps": 50,  # --seed-from-analysis: their timestep grid points (as analyze)
 }
 
 
@@ -211,7 +213,7 @@ def _parse_search(search: dict, where: str) -> dict[str, Any]:
         if s[key] not in allowed:
             raise ConfigError(f"{where} search.{key}: must be one of {', '.join(allowed)}, got {s[key]!r}")
     for key in ("num_samples", "grace_period", "min_samples_required", "max_concurrent", "eval_samples",
-                "eval_images", "eval_steps"):
+                "eval_images", "eval_steps", "analysis_images", "analysis_timesteps"):
         v = s[key]
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"{where} search.{key}: must be an integer >= 1, got {v!r}")

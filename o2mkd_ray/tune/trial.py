@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # a trial's own actor; Tune rejects {"CPU": 0}, and the trial itself only waits on its trainers
 
 
+def text_length(cfg: Config) -> int:
+    """Text tokens of the conditional forward the cost counts: a text-to-image teacher's tokenizer length (what
+    ``report.json`` counts, from the teacher pipeline's tokenizer); 77 otherwise (unconditional UNets ignore it)."""
+    from o2mkd_ray.distill.run_folder import is_text_to_image
+
+    if not is_text_to_image(cfg):
+        return 77
+    from o2mkd_ray.core.sd import text_length as tokenizer_length
+
+    return tokenizer_length(cfg.teacher.pretrained)
+
+
 def sampling_cost(cfg: Config, teacher, shape, scheduler_config=None) -> dict:
     """Sampling MACs of the O2MKD students relative to the teacher, for one run of the config's sampler.
 
@@ -34,7 +46,9 @@ def sampling_cost(cfg: Config, teacher, shape, scheduler_config=None) -> dict:
     ``macs_ratio_per_step``): each of the ``sampling.steps`` timesteps of ``sampling.scheduler`` runs on the
     student owning it. Students are built on the meta device (shapes only). The timesteps depend on the teacher's
     noise schedule: ``scheduler_config`` when the caller has it, else read with
-    :func:`~o2mkd_ray.core.teacher.load_teacher`.
+    :func:`~o2mkd_ray.core.teacher.load_teacher`. Text-to-image UNets are counted on their conditional forward,
+    with the teacher's text length (:func:`text_length`); classifier-free guidance doubles the teacher's and the
+    students' calls alike (:func:`~o2mkd_ray.core.costs.guidance_passes`), which leaves the ratio as it is.
 
     Returns:
         ``cost``, ``macs`` (per student), ``teacher_macs``, ``params`` (per student), ``steps_per_student``.
@@ -52,8 +66,9 @@ def sampling_cost(cfg: Config, teacher, shape, scheduler_config=None) -> dict:
     scratch.students.init = "scratch"
     with torch.device("meta"):
         students = build_students(scratch, teacher, seg.n)
-    students = [forward_cost(s, shape) for s in students]
-    t_macs = forward_cost(teacher, shape)["macs"]
+    seq_len = text_length(cfg)
+    students = [forward_cost(s, shape, seq_len) for s in students]
+    t_macs = forward_cost(teacher, shape, seq_len)["macs"]
     schedule = scheduler_config if scheduler_config is not None else load_teacher(cfg.teacher)[1].config
     timesteps = sampler_timesteps(cfg.sampling.scheduler, schedule, cfg.sampling.steps)
     run = run_cost([s["macs"] for s in students], t_macs, seg.boundaries, timesteps)
@@ -61,43 +76,53 @@ def sampling_cost(cfg: Config, teacher, shape, scheduler_config=None) -> dict:
             "params": [s["params"] for s in students], "steps_per_student": run["steps_per_student"]}
 
 
-def refuse_text_to_image(cfg: Config, command: str) -> None:
-    from o2mkd_ray.core.teacher import teacher_kind
-
-    if teacher_kind(cfg.teacher) in ("stable_diffusion", "stable_diffusion_xl"):
-        raise ConfigError(f"{command}: Stable Diffusion teachers are not supported by `o2mkd-ray {command}` yet (its "
-                          "objectives read unconditional images); distil with `o2mkd-ray distill` and compare runs "
-                          "with `o2mkd-ray eval`")
-
-
 def objective_value(cfg: Config, out: str | Path, objective: str, teacher, scheduler, samples: int = 256,
                     images: int | None = None, steps: int | None = None) -> dict:
-    """The final quality of a finished run folder (lower is better).
+    """The final quality of a finished run folder (lower is better), for any teacher kind.
 
     Args:
-        objective: ``agreement`` (student-vs-teacher ε MSE over t,
-            :func:`~o2mkd_ray.eval.metrics.teacher_agreement`) or ``fidelity`` (image MSE teacher vs O2MKD from
-            the same noise, DDIM, :func:`~o2mkd_ray.eval.metrics.trajectory_fidelity`).
+        objective: ``agreement``: student-vs-teacher output MSE over t
+            (:func:`~o2mkd_ray.eval.metrics.teacher_agreement`) on the data the run distilled on
+            (:func:`~o2mkd_ray.distill.run_folder.run_dataset`: for a text-to-image teacher the run's cached
+            caption latents, each with its own caption's conditioning). ``fidelity``: image MSE of the students
+            vs the teacher from the same noise: DDIM for unconditional runs
+            (:func:`~o2mkd_ray.eval.metrics.trajectory_fidelity`); for text-to-image runs the pixel MSE of the
+            evaluation ``o2mkd-ray eval`` runs (:func:`~o2mkd_ray.eval.evaluate.evaluate_run`: the teacher
+            pipeline and the run's pipeline on the same ``images`` prompts, latents, guidance and sampler; its
+            report lands in ``out/eval/``).
+        samples: agreement draws; images, steps: fidelity's (default ``eval.num_images``, ``eval.steps``).
     Returns:
         ``quality`` and the objective's own numbers.
     """
-    from o2mkd_ray.data.build import build_dataset
-    from o2mkd_ray.eval.metrics import teacher_agreement, trajectory_fidelity
-    from o2mkd_ray.pipelines.unconditional import O2MKDPipeline
+    from o2mkd_ray.distill.run_folder import is_text_to_image, run_dataset
+    from o2mkd_ray.eval.metrics import teacher_agreement
 
-    pipe = O2MKDPipeline.from_pretrained(Path(out) / "pipeline")
-    pipe.set_progress_bar_config(disable=True)
-    multi = pipe.students.eval()
+    out = Path(out)
     if objective == "agreement":
-        df = teacher_agreement(multi, lambda x_t, t: teacher(x_t, t), scheduler, build_dataset(cfg.data),
-                               multi.segments, samples, 20, cfg.sampling.seed)
+        from o2mkd_ray.pipelines.build import load_saved_students
+
+        multi = load_saved_students(out / "pipeline").eval()
+        dataset, _ = run_dataset(cfg, out, teacher, scheduler)  # a text-to-image run's cache is reused
+        df = teacher_agreement(multi, teacher, scheduler, dataset, multi.segments, samples, 20, cfg.sampling.seed)
         v = float((df["mse"] * df["n"]).sum() / df["n"].sum())
         return {"quality": v, "agreement_mse": v}
-    if objective == "fidelity":
-        r = trajectory_fidelity(teacher, pipe, steps or cfg.eval.steps, images or cfg.eval.num_images,
-                                cfg.sampling.seed, cfg.data.value_range, scheduler_config=scheduler.config)
-        return {"quality": r["mse_mean"], "fidelity_mse": r["mse_mean"], "fidelity_psnr_db": r["psnr_mean_db"]}
-    raise ConfigError(f"search.objective: must be agreement or fidelity, got {objective!r}")
+    if objective != "fidelity":
+        raise ConfigError(f"search.objective: must be agreement or fidelity, got {objective!r}")
+    images, steps = images or cfg.eval.num_images, steps or cfg.eval.steps
+    if is_text_to_image(cfg):
+        from o2mkd_ray.eval.evaluate import evaluate_run
+
+        px = evaluate_run(out, images, steps, latency_repeats=0, device="cpu")["pixel"]
+    else:
+        from o2mkd_ray.eval.metrics import trajectory_fidelity
+        from o2mkd_ray.pipelines.unconditional import O2MKDPipeline
+
+        pipe = O2MKDPipeline.from_pretrained(out / "pipeline")
+        pipe.set_progress_bar_config(disable=True)
+        pipe.students.eval()
+        px = trajectory_fidelity(teacher, pipe, steps, images, cfg.sampling.seed, cfg.data.value_range,
+                                 scheduler_config=scheduler.config)
+    return {"quality": px["mse_mean"], "fidelity_mse": px["mse_mean"], "fidelity_psnr_db": px["psnr_mean_db"]}
 
 
 def trial_resources(cfg: Config):

@@ -225,15 +225,6 @@ def test_local_engine_distils_a_tiny_sd_and_routes_sampling(tiny_sd_dir, prompts
     assert (tmp_path / "run" / "samples.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("cmd", ["tune", "analyze"])
-def test_tune_and_analyze_refuse_sd_teachers_in_one_line(tiny_sd_dir, prompts_file, tmp_path, cmd):
-    sets = sum((["--set", o] for o in sd_overrides(tiny_sd_dir, prompts_file)), [])
-    args = [str(ROOT / "tune_spaces" / "boundaries_widths.yaml"), "--out", str(tmp_path / "t")] if cmd == "tune" else []
-    r = run_cli(cmd, str(ROOT / "pipelines" / "tiny.yaml"), *args, *sets)
-    assert r.returncode == 2 and "Stable Diffusion teachers are not supported" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "t").exists()
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "pndm"])
 def test_samples_png_compares_like_with_like(tiny_sd_dir, prompts_file, tmp_path, scheduler):
     """samples.png's teacher row and a students row built from the teacher's own UNet are identical: the two

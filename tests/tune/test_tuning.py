@@ -136,6 +136,7 @@ def test_shipped_spaces_parse_and_resolve(tiny_overrides):
     ({"segments.n": {"choice": [2]}, "search": {"algorithm": "bayes"}}, "search.algorithm: must be one of"),
     ({"segments.n": {"choice": [2]}, "search": {"objective": "fid"}}, "search.objective"),
     ({"segments.n": {"choice": [2]}, "search": {"num_samples": 0}}, "num_samples"),
+    ({"segments.n": {"choice": [2]}, "search": {"analysis_timesteps": 0}}, "search.analysis_timesteps: must be"),
     ({"segments.n": {"choice": [2]}, "budget": {"train.stepz": 3}}, "budget: unknown config key 'train.stepz'; "
                                                                     "did you mean 'train.steps'"),
     ({"segments.n": {"grid": [2, 3]}, "search": {"algorithm": "optuna"}}, "cannot take grid"),
