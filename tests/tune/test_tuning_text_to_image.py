@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import ROOT, sd_overrides
 
-from o2mkd_ray.core.fixtures import make_tiny_sd
+from o2mkd_ray.core.fixtures import make_tiny_sd, make_tiny_sdxl
 
 T = 1000
 # kind -> the tiny teacher folder's maker (a text length of 16, not SD's 77, so that a cost counted at the wrong
@@ -27,8 +27,9 @@ T = 1000
 TEACHERS = {
     "sd": functools.partial(make_tiny_sd, max_length=16),
     "sd-v": functools.partial(make_tiny_sd, max_length=16, prediction_type="v_prediction"),
+    "sdxl": functools.partial(make_tiny_sdxl, max_length=16),
 }
-TUNED = ["sd"]  # the kinds that also go through a whole Tune search (the slow test)
+TUNED = ["sd", "sdxl"]  # the kinds that also go through a whole Tune search (the slow test)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,7 @@ def test_analyze_measures_the_teacher_under_its_captions(kind, teacher_dir, prom
     import torch
 
     from o2mkd_ray.cli.main import main
+    from o2mkd_ray.core.conditioning import COND_NAMES, as_dict
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.distill.run_folder import run_dataset
     from o2mkd_ray.tune.analysis import (
@@ -133,10 +135,11 @@ def test_analyze_measures_the_teacher_under_its_captions(kind, teacher_dir, prom
     data, uncond = run_dataset(cfg, tmp_path, teacher, sched)
     captions = teacher_feature_stats(teacher, sched, data, timestep_grid(T, 8), 4)
     pd.testing.assert_frame_equal(stats, captions, check_like=True)
-    empty = [(x_0, uncond[0]) for x_0, _ in data]
+    u = as_dict(uncond)  # SD: text embeddings; SDXL: also pooled embeddings and time ids
+    empty = [(item[0], *[u[n][0] for n in COND_NAMES if n in u]) for item in data]
     assert not np.allclose(captions["mean"], teacher_feature_stats(teacher, sched, empty, timestep_grid(T, 8),
                                                                    4)["mean"])
-    assert not torch.equal(data[0][1], uncond[0])
+    assert not torch.equal(data[0][1], u["encoder_hidden_states"][0])
 
 
 @pytest.mark.parametrize("kind", list(TEACHERS))
