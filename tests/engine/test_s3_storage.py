@@ -64,8 +64,8 @@ def moto_s3(tmp_path_factory):
     try:
         _wait_port(port, proc)
         endpoint = f"http://127.0.0.1:{port}"
-        anon = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
-                    aws_secret_access_key="setup")
+        anon = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
+                "aws_secret_access_key": "setup"}
         iam = boto3.client("iam", **anon)
         iam.create_user(UserName="o2mkd")
         iam.put_user_policy(UserName="o2mkd", PolicyName="s3", PolicyDocument=json.dumps({
