@@ -11,7 +11,7 @@ data upsampled and repeated to 3 channels: nothing is downloaded). Variants, eac
                  ``min(3, GPUs // 2)`` segments, teacher local (skipped with one GPU)
 
 Printed and written to ``--out``/gpu_check.json: samples/s per segment (rank 0's, all ranks counted), the teacher's
-utilisation (actor busy time over the training phase; ``n/a`` for local teachers), the peak GPU memory of every
+utilisation (actor busy time over the window in which the segments' loops trained; ``n/a`` for local teachers), the peak GPU memory of every
 process (``torch.cuda.max_memory_allocated`` reported by each training rank in its metrics, and the peak
 ``nvidia-smi`` used memory per PID sampled every 0.5 s, which also covers the teacher actor), and the
 actor-vs-local ratio of the summed samples/s.
@@ -192,7 +192,9 @@ def run_variant(name: str, cfg, out: Path) -> dict:
         report = run_distillation(cfg, out, progress=False, verbose=False)
     wall = time.time() - t0
     hist = json.loads((out / "history.json").read_text())
-    train_s = (report.get("phases") or {}).get("train_s") or wall
+    # the teacher's busy time over the window in which the segments' loops actually trained (from the first
+    # loop's start to the last one's end), not over fit(), which includes starting the worker groups
+    window = max(s["finished_at"] for s in report["segments"]) - min(s["started_at"] for s in report["segments"])
     teacher = report["teacher"]
     segs = []
     for s in report["segments"]:
@@ -200,12 +202,14 @@ def run_variant(name: str, cfg, out: Path) -> dict:
         ranks = {}
         for f in sorted((out / "ray" / f"seg-{k:02d}").glob("rank-*.json")):
             led = json.loads(f.read_text())
-            ranks[led["rank"]] = max((r.get("gpu_peak_mb") or 0) for r in led["reports"]) if led["reports"] else None
+            peaks = [r["gpu_peak_mb"] for r in led["reports"] if r.get("gpu_peak_mb") is not None]
+            ranks[led["rank"]] = max(peaks) if peaks else None
         last = (hist.get(str(k)) or [{}])[-1]
         segs.append({"index": k, "samples_per_s": s.get("samples_per_s"), "steps": s.get("steps"),
                      "gpu_peak_mb_rank0": last.get("gpu_peak_mb"), "gpu_peak_mb_by_rank": ranks})
-    util = teacher.get("busy_s", 0.0) / train_s if teacher.get("mode") == "actor" else None
-    return {"wall_s": round(wall, 1), "phases": report.get("phases"), "segments": segs,
+    util = teacher.get("busy_s", 0.0) / max(window, 1e-9) if teacher.get("mode") == "actor" else None
+    return {"wall_s": round(wall, 1), "train_window_s": round(window, 1), "phases": report.get("phases"),
+            "segments": segs,
             "samples_per_s_total": sum(s["samples_per_s"] or 0 for s in segs),
             "teacher": {"mode": teacher.get("mode"), "dtype": cfg.teacher.dtype, "busy_s": teacher.get("busy_s"),
                         "utilisation": util, "mean_batch": teacher.get("mean_batch")},
