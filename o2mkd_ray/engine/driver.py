@@ -25,7 +25,7 @@ from o2mkd_ray.engine.phases import PhaseTimer
 from o2mkd_ray.engine.ray_compat import check_ray_version, session_logs_dir
 from o2mkd_ray.engine.run_folder import finish_run
 from o2mkd_ray.engine.session import tracked_session
-from o2mkd_ray.engine.storage import check_storage, run_storage, storage_env
+from o2mkd_ray.engine.storage import check_storage, display_storage, run_storage, storage_env
 from o2mkd_ray.engine.trainers import (
     ProgressRelay,
     fit_all,
@@ -244,4 +244,4 @@ def describe_plan(cfg: Config, segments, todo: list[int], teacher_names: list[st
     teacher = (f"{len(teacher_names)} shared actor(s) x {t.num_cpus:g} CPU" + (f" + {t.num_gpus:g} GPU" if t.num_gpus
                else "") if teacher_names else "a copy in each worker (teacher.mode: local)")
     return "\n".join([f"training {len(todo)} of {segments.n} segments concurrently, {cfg.train.steps} steps each:",
-                      *lines, f"  teacher: {teacher}", f"  checkpoints: {storage}"])
+                      *lines, f"  teacher: {teacher}", f"  checkpoints: {display_storage(storage)}"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -26,6 +27,13 @@ from o2mkd_ray.errors import ConfigError
 STORAGE_ENV_PREFIXES = ("AWS_",)
 STORAGE_ENV_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
                      "AZURE_STORAGE_SAS_TOKEN")
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@")
+
+
+def display_storage(path: str) -> str:
+    """A storage path safe to print: a URI without keys given in it (``s3://KEY:SECRET@bucket``) and without its
+    query."""
+    return _USERINFO.sub(lambda m: m.group("scheme"), path.partition("?")[0]) if is_uri(path) else path
 
 
 def is_uri(path: str) -> bool:
@@ -94,7 +102,7 @@ def check_storage(storage_path: str | None, timeout_s: float = 3.0) -> None:
     import pyarrow.fs as pafs
     from pyarrow.lib import ArrowException
 
-    where = storage_path.partition("?")[0]
+    where = display_storage(storage_path)
     if storage_path.startswith("s3://"):
         endpoint, source = s3_endpoint(storage_path)
         if endpoint:

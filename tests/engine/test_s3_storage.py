@@ -108,7 +108,7 @@ def _keys(s3, prefix: str) -> list[str]:
 
 def test_run_storage_is_a_folder_of_its_own_under_the_storage_path(tmp_path):
     from o2mkd_ray.config.loading import load_config
-    from o2mkd_ray.engine.storage import join_storage, run_storage
+    from o2mkd_ray.engine.storage import display_storage, join_storage, run_storage
 
     cfg = load_config(TINY, [])
     assert run_storage(cfg, tmp_path / "a") == str(tmp_path / "a" / "ray")
@@ -118,6 +118,7 @@ def test_run_storage_is_a_folder_of_its_own_under_the_storage_path(tmp_path):
     assert a != b and a == run_storage(cfg, tmp_path / "a")  # one folder per --out; the same again to resume
     assert join_storage("s3://b/p/?region=x", "t", "1") == "s3://b/p/t/1?region=x"
     assert join_storage("/shared/ray", "t") == "/shared/ray/t"
+    assert display_storage("s3://KEY:SECRET@b/p?endpoint_override=http://h:1") == "s3://b/p"
 
 
 def test_storage_env_is_the_storage_client_variables_only():
