@@ -88,6 +88,9 @@ def _distill(args) -> int:
     if args.engine == "ray" and not args.dry_run:  # a dry run may be meant for another machine's cluster
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         check_ray_address(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
+        from o2mkd_ray.engine.storage import check_storage
+
+        check_storage(cfg.ray.storage_path)  # endpoint, bucket, credentials of an s3:// storage path
     if args.dry_run:
         print(cfg.to_json())
         print("dry run: config is valid", file=sys.stderr)

@@ -109,6 +109,14 @@ def load_factory(spec: str):
     return out
 
 
+def compute_dtype(tcfg: TeacherConfig, device) -> torch.dtype:
+    """The teacher's compute dtype on ``device``: ``teacher.dtype`` on a CUDA device, float32 elsewhere (bf16/fp16
+    autocast on CPU is slower, not faster)."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.dtype]
+
+
 def load_teacher(tcfg: TeacherConfig):
     """Loads the teacher model (ε-, v- or x_0-prediction, as its scheduler says) and its (training) noise scheduler.
 

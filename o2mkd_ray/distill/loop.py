@@ -60,7 +60,8 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
             ``latency_s`` and ``calls`` counters (``LocalTeacher`` or ``TeacherClient``).
         val_batches: held-out batches for ``val_loss`` (:func:`fixed_val_batches`).
         on_report: called with the metrics of each report (``step``, ``segment``, ``loss_avg``, ``val_loss``,
-            ``samples_per_s``, ``teacher_latency_ms``, ``resumed_from``, ``time`` and the loss terms).
+            ``samples_per_s``, ``teacher_latency_ms``, ``resumed_from``, ``time`` and the loss terms; on a GPU also
+            ``gpu_peak_mb``, this process's peak CUDA memory).
         world: data-parallel processes training this segment, each with the same batch size: samples/s counts all.
         after_step: called with the step number after every step (fault drills).
         progress: a progress bar.
@@ -97,13 +98,21 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
             metrics = {**terms, "step": dist.step, "segment": dist.k, "loss_avg": sum(recent) / len(recent),
                        "val_loss": dist.val_loss(val_batches), "samples_per_s": n_samples / max(t_train, 1e-9),
                        "teacher_latency_ms": 1000 * teacher.latency_s / max(1, teacher.calls),
-                       "resumed_from": resumed_from, "time": time.time()}
+                       "resumed_from": resumed_from, "time": time.time(), **_gpu_memory(dist.device)}
             recent.clear()
             history.append(metrics)
             on_report(metrics)
     bar.close()
     return {"steps": dist.step, "resumed_from": resumed_from, "started_at": started, "finished_at": time.time(),
             "history": history}
+
+
+def _gpu_memory(device: torch.device) -> dict:
+    """``gpu_peak_mb``: this process's peak CUDA memory allocated by torch so far (``{}`` off a GPU), so that
+    runs sharing a GPU (fractional GPUs) show what each process needs."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def run_segment(cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module, teacher: TeacherCallable,

@@ -25,6 +25,7 @@ from o2mkd_ray.engine.phases import PhaseTimer
 from o2mkd_ray.engine.ray_compat import check_ray_version, session_logs_dir
 from o2mkd_ray.engine.run_folder import finish_run
 from o2mkd_ray.engine.session import tracked_session
+from o2mkd_ray.engine.storage import check_storage, display_storage, run_storage, storage_env
 from o2mkd_ray.engine.trainers import (
     ProgressRelay,
     fit_all,
@@ -54,6 +55,8 @@ def ray_env(cfg: Config) -> dict[str, str]:
 def init_ray(cfg: Config, verbose: bool = True) -> tuple[bool, str]:
     """Connects to ``ray.address`` / ``RAY_ADDRESS``, or starts a local Ray (unless one is already up).
 
+    The job's processes get the storage client variables set here (:func:`o2mkd_ray.engine.storage.storage_env`:
+    ``AWS_*`` credentials and endpoint), so that workers on any node can open an ``s3://`` ``ray.storage_path``.
     Ray's Python logging goes to the process's logging handlers (the CLI sends it to the run's log file);
     ``verbose`` False keeps the workers' and raylet's output in Ray's session logs instead of the driver's console.
 
@@ -76,7 +79,9 @@ def init_ray(cfg: Config, verbose: bool = True) -> tuple[bool, str]:
         # ray.init on a dead address retries for minutes (measured: >5 min for 127.0.0.1:1): one TCP connect first
         check_ray_address(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
         try:
-            ray.init(address=address, **quiet)  # an existing cluster: bare init (num_cpus would be rejected)
+            # an existing cluster: no num_cpus (it would be rejected); its nodes' own environments lack the driver's
+            # storage credentials, so the job carries them
+            ray.init(address=address, runtime_env={"env_vars": storage_env()}, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"ray.address: cannot connect to Ray at {address!r} ({str(e).splitlines()[0]}); "
                               "start it with `ray start --head` or unset ray.address/RAY_ADDRESS") from None
@@ -87,7 +92,7 @@ def init_ray(cfg: Config, verbose: bool = True) -> tuple[bool, str]:
         # the dashboard serves Ray's State API (Train's cleaners poll it) and `ray job`; bound to 127.0.0.1
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=True,
                  dashboard_host=cfg.ray.dashboard_host, _temp_dir=tmp,
-                 runtime_env={"env_vars": env}, **quiet)
+                 runtime_env={"env_vars": {**env, **storage_env()}}, **quiet)
     return True, ray.get_runtime_context().gcs_address
 
 
@@ -112,7 +117,11 @@ def run_distillation(cfg: Config, out: str | Path, progress: bool = True,
         verbose: the workers' and raylet's own output on the driver's console (else only in Ray's logs).
     Returns:
         The report dict (also written to ``OUT/report.json``).
+    Raises:
+        ConfigError: (unless ``checked``) a remote ``ray.storage_path`` that cannot be used, before Ray starts.
     """
+    if not checked:
+        check_storage(cfg.ray.storage_path)
     return tracked_session(cfg, out, "ray", tracker, parent_run_id,
                            lambda tr: _run_ray(cfg, out, progress, on_progress, tr, train_callbacks, verbose),
                            checked)
@@ -185,7 +194,7 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
         started_ray, address = init_ray(cfg, verbose)
         if tracker is not None:
             tracker.log_dict({"ray_address": address}, "ray.json")
-    storage, service = cfg.ray.storage_path or str(out / "ray"), TeacherService()
+    storage, service = run_storage(cfg, out), TeacherService()
     try:
         with timer.phase("teacher_service_s"):
             todo = [k for k in range(segments.n) if finished_summary(out, k) is None]
@@ -235,4 +244,4 @@ def describe_plan(cfg: Config, segments, todo: list[int], teacher_names: list[st
     teacher = (f"{len(teacher_names)} shared actor(s) x {t.num_cpus:g} CPU" + (f" + {t.num_gpus:g} GPU" if t.num_gpus
                else "") if teacher_names else "a copy in each worker (teacher.mode: local)")
     return "\n".join([f"training {len(todo)} of {segments.n} segments concurrently, {cfg.train.steps} steps each:",
-                      *lines, f"  teacher: {teacher}", f"  checkpoints: {storage}"])
+                      *lines, f"  teacher: {teacher}", f"  checkpoints: {display_storage(storage)}"])

@@ -4,10 +4,10 @@ It unpacks its config, builds the distiller, resumes from ``ray.train.get_checkp
 ``on_report`` that reports to Ray Train (rank 0 with a checkpoint) and to the driver's progress queue.
 
 Every rank also records its reports in ``rank-R.json`` in its segment's Ray Train folder
-(``OUT/ray/seg-KK``, local storage only): ``rank``, ``world_size``, and per report ``step``, ``pid`` and
-``param_digest`` (:func:`param_digest` of the student). Only rank 0's metrics reach the driver, so this
-is where the other ranks of a data-parallel segment can be seen: the same digest on every rank at a step
-shows that the ranks hold the same weights.
+(``OUT/ray/seg-KK``, local storage only): ``rank``, ``world_size``, and per report ``step``, ``pid``,
+``param_digest`` (:func:`param_digest` of the student) and, on a GPU, ``gpu_peak_mb``. Only rank 0's metrics
+reach the driver, so this is where the other ranks of a data-parallel segment can be seen: the same digest on
+every rank at a step shows that the ranks hold the same weights.
 """
 
 from __future__ import annotations
@@ -100,13 +100,15 @@ def _student(config: dict) -> torch.nn.Module:
 
 
 def _teacher(cfg: Config, config: dict, k: int, rank: int, device):
-    from o2mkd_ray.core.teacher import LocalTeacher, TeacherFn, load_teacher
+    from o2mkd_ray.core.teacher import LocalTeacher, TeacherFn, compute_dtype, load_teacher
     from o2mkd_ray.engine.teacher_service import TeacherClient
 
     if cfg.teacher.mode == "actor":
         return TeacherClient(config["teacher_names"], seed=1000 * k + rank, client=f"seg-{k:02d}")
     model, _ = load_teacher(cfg.teacher)
-    return LocalTeacher(TeacherFn(model.to(device), config.get("feature_blocks")))
+    # teacher.dtype (bf16/fp16) on a GPU, as the teacher actors do
+    fn = TeacherFn(model.to(device), config.get("feature_blocks"), dtype=compute_dtype(cfg.teacher, device))
+    return LocalTeacher(fn)
 
 
 def _dataset(cfg: Config, config: dict):
@@ -151,8 +153,8 @@ def _rank_ledger(rank: int, world: int) -> Callable[[dict], None] | None:
         pass
 
     def record(metrics: dict) -> None:
-        reports.append({key: metrics.get(key) for key in ("step", "param_digest", "resumed_from", "time")}
-                       | {"pid": os.getpid()})
+        keys = ("step", "param_digest", "resumed_from", "time", "gpu_peak_mb")
+        reports.append({key: metrics.get(key) for key in keys} | {"pid": os.getpid()})
         try:
             write_json(path, {"rank": rank, "world_size": world, "reports": reports})
         except OSError as e:

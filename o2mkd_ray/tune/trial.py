@@ -213,7 +213,9 @@ def trial_config(ctx: TrialContext, config: dict, trial_id: str) -> Config:
     cfg.mlflow.log_pipeline = False  # a pyfunc model per trial would be heavy; best.yaml is the product
     cfg.ray.max_failures = 0  # no Train retries in a trial: a retry racing a stop leaks a placement group
     if cfg.ray.storage_path:  # trials must not share seg-KK trainer folders
-        cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/tune-trials/{trial_id}"
+        from o2mkd_ray.engine.storage import join_storage
+
+        cfg.ray.storage_path = join_storage(cfg.ray.storage_path, "tune-trials", trial_id)
     return cfg
 
 
