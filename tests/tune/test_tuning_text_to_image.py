@@ -157,7 +157,7 @@ def test_tune_preflight_checks_text_to_image_inputs_before_ray(kind, teacher_dir
     broken = tmp_path / "broken"
     shutil.copytree(teacher_dir(kind), broken)
     shutil.rmtree(broken / "vae")
-    with pytest.raises(ConfigError, match=r"not a complete Stable Diffusion folder \(missing vae/\)"):
+    with pytest.raises(ConfigError, match=r"not a complete Stable Diffusion (XL )?folder \(missing vae/\)"):
         run_tuning(_cfg(broken, prompts_file), space, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
