@@ -103,7 +103,8 @@ def check_configs(*cfgs: Config) -> None:
     Args:
         cfgs: e.g. the base config and the budgeted one trials start from.
     Raises:
-        ConfigError: a text-to-image teacher (not supported by tune yet), or what the pre-flight rejects.
+        ConfigError: a text-to-image teacher (not supported by tune yet), ``teacher.replicas: per_node``, or what
+            the pre-flight rejects.
     """
     from o2mkd_ray.core.teacher_checks import check_run
     from o2mkd_ray.data.build import check_data
@@ -114,6 +115,10 @@ def check_configs(*cfgs: Config) -> None:
             continue
         seen.append(cfg.to_dict())
         refuse_text_to_image(cfg, "tune")
+        if cfg.teacher.mode == "actor" and cfg.teacher.replicas == "per_node":
+            # a trial's teacher actors live in its placement group, which is sized from a number of replicas
+            raise ConfigError("teacher.replicas: per_node is for distill on a cluster; give tune a number of "
+                              "replicas, e.g. teacher.replicas=1")
         check_run(cfg)
         check_data(cfg.data)
 
