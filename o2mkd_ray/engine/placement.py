@@ -2,8 +2,10 @@
 and how a segment's worker group is placed (``ray.placement``).
 
 ``teacher.replicas: per_node`` puts one replica on every alive node that has CPUs or GPUs (a node where train
-workers can run; a head started with no CPUs gets none), each pinned softly to its node so that a replica
-restarted after its node is lost comes back elsewhere. A number of replicas is spread over the nodes by Ray.
+workers can run; a head started with no CPUs gets none), each pinned to its node (a soft pin was seen to put two
+replicas on one node); a replica lost with its node is gone for good and its clients fail over to the others
+(``o2mkd_ray.engine.teacher_service.TeacherClient``). A number of replicas is spread over the nodes by Ray, and a
+replica of those that is lost with its node is restarted elsewhere (``teacher.max_restarts``).
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def replica_nodes(tcfg: TeacherConfig) -> list[str | None]:
 
 
 def scheduling_strategy(node: str | None):
-    """The actor scheduling strategy of a replica: soft affinity to ``node``, or Ray's SPREAD for None."""
+    """The actor scheduling strategy of a replica: pinned to ``node``, or Ray's SPREAD for None."""
     if node is None:
         return "SPREAD"
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+    return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
 
 
 def ledger_placement(storage: str, k: int) -> list[dict]:

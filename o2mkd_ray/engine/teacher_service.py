@@ -168,8 +168,8 @@ def start_teacher(tcfg: TeacherConfig, run_id: str, feature_blocks: list[str] | 
         run_id: the run's id in the actor names (:func:`actor_names`).
         feature_blocks: teacher blocks whose features requests may ask for (None: none).
         fault: a test-only fault spec (``o2mkd_ray.engine.faults.teacher_fault``).
-        nodes: per replica, the node id it should run on (soft: a replica restarted after its node is lost goes
-            elsewhere) or None (spread by Ray); default :func:`o2mkd_ray.engine.placement.replica_nodes`.
+        nodes: per replica, the node id it is pinned to or None (spread by Ray); default
+            :func:`o2mkd_ray.engine.placement.replica_nodes`.
     Returns:
         The actors' handles, once every actor answered ``ready``.
     """

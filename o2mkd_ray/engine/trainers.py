@@ -153,8 +153,11 @@ class ProgressRelay:
 
     def __init__(self, listeners: list[Callable[[int, dict], None]]):
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # on the driver's node: on a cluster, a queue on a worker node would be lost with that node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.listeners = listeners
 
     def drain(self, timeout: float) -> None:
