@@ -221,7 +221,8 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
             finally:
                 if console is not None:
                     console.close()
-        stats = teacher_stats(service.handles, cfg, service.names, train_wall_s=time.time() - t_fit)
+        stats = teacher_stats(service.handles, cfg, service.names,
+                              train_wall_s=training_window(summaries) or time.time() - t_fit)
     finally:
         with timer.phase("ray_shutdown_s"):
             _shutdown(service, started_ray)
@@ -230,6 +231,16 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
                                "bottleneck": teacher_load(stats, summaries)})
     _tell_bottleneck(report, tracker, progress)
     return report
+
+
+def training_window(summaries: dict[int, dict]) -> float | None:
+    """Seconds from the first training loop's start to the last one's end over the segments trained in this run
+    (the teacher's utilisation is over this: worker start-up and teardown would dilute it), or None."""
+    starts = [s.get("loop_started_at") or s.get("started_at") for s in summaries.values()]
+    ends = [s.get("finished_at") for s in summaries.values()]
+    if not summaries or None in starts or None in ends:
+        return None
+    return max(ends) - min(starts)
 
 
 def _tell_bottleneck(report: dict, tracker, progress: bool) -> None:

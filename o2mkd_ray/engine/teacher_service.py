@@ -341,7 +341,8 @@ def teacher_stats(handles: list, cfg: Config, names: list[str] | None = None,
             "requests_by_segment": {c: sum(s["by_client"].get(c, 0) for s in stats)
                                     for c in sorted({c for s in stats for c in s["by_client"]})},
             "per_replica": [{**{k: s[k] for k in keep if k in s},
-                             **({"utilisation": round(s["busy_wall_s"] / train_wall_s, 4)}
+                             # capped: forwards just before the window (validation targets) may fall outside it
+                             **({"utilisation": round(min(1.0, s["busy_wall_s"] / train_wall_s), 4)}
                                 if train_wall_s and "busy_wall_s" in s else {})} for s in per],
             "requests_by_node": routes,
             "node_local_share": round(local / from_workers, 4) if from_workers else None}

@@ -87,7 +87,8 @@ def train_loop_per_worker(config: dict) -> dict:
     finally:
         if live is not None:
             live.close()
-    return {**res, "segment": k, "entered_at": entered, "started_at": entered, **node_of_this_process()}
+    return {**res, "segment": k, "entered_at": entered, "started_at": entered, "loop_started_at": res["started_at"],
+            **node_of_this_process()}
 
 
 def _student(config: dict) -> torch.nn.Module:

@@ -137,6 +137,7 @@ def fit_segment(cfg: Config, k: int, loop_config: dict, storage: str, out: Path,
     summary = segment_summary(k, segments, run, metrics, ckpt.path if ckpt else None, fit_started_at=t0,
                               fit_finished_at=time.time(), worker_entered_at=run.get("entered_at"),
                               train_s=run.get("train_s"), teacher_wait_share=run.get("teacher_wait_share"),
+                              loop_started_at=run.get("loop_started_at"),
                               workers=workers)
     with ckpt.as_directory() as d:
         save_segment(out, k, Path(d), summary)

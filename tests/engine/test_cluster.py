@@ -195,7 +195,6 @@ def test_node_removed_mid_run_its_segment_moves_and_resumes_the_others_never_res
         return ready and _ledger(out, victim)[-1]["node_id"]
 
     victim_node_id = _wait_for("segment 1's first recorded checkpoint", moment, run.is_alive)
-    assert victim_node_id != spare.node_id  # the spare node is free: 3 segments on the 3 first nodes
     before = {k: _ledger(out, k) for k in range(3)}
     recorded = _recorded(out, victim)
     # the replica on the victim's node served only segment 1: one request per step (+1 prefetched, + validation)
