@@ -53,9 +53,10 @@ def replica_nodes(tcfg: TeacherConfig) -> list[str | None]:
 
 
 def scheduling_strategy(node: str | None):
-    """The actor scheduling strategy of a replica: pinned to ``node``, or Ray's SPREAD for None."""
+    """The actor scheduling strategy of a replica: pinned to ``node``, or Ray's SPREAD for None; inside a
+    placement group (a Tune trial's, which holds a bundle per replica) None: Ray's default keeps it in that group."""
     if node is None:
-        return "SPREAD"
+        return "SPREAD" if ray.util.get_current_placement_group() is None else None
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
