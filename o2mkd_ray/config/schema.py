@@ -45,7 +45,9 @@ class TeacherConfig(Section):
     subfolder: str | None = None  # e.g. "unet" when the folder is a whole pipeline
     factory: str | None = None  # "module:function" -> (model, scheduler)
     mode: Literal["actor", "local"] = "actor"
-    replicas: PositiveInt = 1
+    # a number of actors spread over the nodes (Ray's SPREAD), or "per_node": one on each node that has CPUs or
+    # GPUs, where train workers can run; a worker calls the replica on its own node when there is one
+    replicas: int | Literal["per_node"] = 1
     num_cpus: NonNegativeFloat = 0.5
     num_gpus: NonNegativeFloat = 0.0
     max_batch: PositiveInt = 512
@@ -53,6 +55,13 @@ class TeacherConfig(Section):
     max_concurrency: PositiveInt = 2
     max_restarts: int = 3
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("replicas")
+    @classmethod
+    def _some_replicas(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ConfigError(f"teacher.replicas: must be >= 1 or 'per_node', got {v}")
+        return v
 
     @field_validator("max_restarts")
     @classmethod
@@ -234,6 +243,9 @@ class RayConfig(Section):
     address: str | None = None  # existing cluster; else RAY_ADDRESS; else a local embedded Ray
     num_cpus: PositiveInt | None = None  # local Ray only; None = the machine's cores
     workers_per_segment: PositiveInt = 1
+    # a segment's worker group: spread its workers over nodes, or pack them on as few nodes as fit (Ray Train's
+    # ScalingConfig.placement_strategy SPREAD / PACK)
+    placement: Literal["spread", "pack"] = "pack"
     cpus_per_worker: NonNegativeFloat = 0.5
     gpus_per_worker: NonNegativeFloat = 0.0
     segment_overrides: dict[str, SegmentResources] = Field(default_factory=dict)  # {"0": {...}}

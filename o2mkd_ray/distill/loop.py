@@ -60,7 +60,8 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
             ``latency_s`` and ``calls`` counters (``LocalTeacher`` or ``TeacherClient``).
         val_batches: held-out batches for ``val_loss`` (:func:`fixed_val_batches`).
         on_report: called with the metrics of each report (``step``, ``segment``, ``loss_avg``, ``val_loss``,
-            ``samples_per_s``, ``teacher_latency_ms``, ``resumed_from``, ``time`` and the loss terms; on a GPU also
+            ``samples_per_s``, ``teacher_latency_ms``, ``teacher_wait_share`` (the share of the steps' time spent
+            waiting for the teacher's targets), ``resumed_from``, ``time`` and the loss terms; on a GPU also
             ``gpu_peak_mb``, this process's peak CUDA memory).
         world: data-parallel processes training this segment, each with the same batch size: samples/s counts all.
         after_step: called with the step number after every step (fault drills).
@@ -69,21 +70,24 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
             ``grad_norm``, ``samples_per_s``, ``step``, ``segment``, ``time`` and ``kind: "log"``; it must return
             at once (:class:`o2mkd_ray.core.background.BatchingSender.send`), since it runs in the training loop.
     Returns:
-        ``steps``, ``resumed_from``, ``started_at``, ``finished_at`` and ``history`` (the reported metrics).
+        ``steps``, ``resumed_from``, ``started_at``, ``finished_at``, ``history`` (the reported metrics), ``train_s``
+        (the steps' time), ``teacher_wait_s`` (its part spent waiting for the teacher) and ``teacher_wait_share``.
     """
     from tqdm.auto import tqdm
 
     steps, every = dist.cfg.train.steps, dist.cfg.train.checkpoint_every
     log_every = dist.cfg.train.log_every if on_log is not None else 0
     resumed_from, started = dist.step, time.time()
-    history, recent, t_train, n_samples = [], [], 0.0, 0
+    history, recent, t_train, t_wait, n_samples = [], [], 0.0, 0.0, 0
     bar = tqdm(total=steps, initial=dist.step, desc=f"seg-{dist.k:02d}", disable=not progress)
     cur = _next_inputs(dist, batches, teacher) if dist.step < steps else None
     while dist.step < steps:
         t0 = time.perf_counter()
         x_t, t, eps, cond, pending = cur
         cur = _next_inputs(dist, batches, teacher) if dist.step + 1 < steps else None  # prefetch
-        eps_T, feats_T = teacher.result(pending)
+        t_asked = time.perf_counter()
+        eps_T, feats_T = teacher.result(pending)  # the time spent here is this step's wait on the teacher
+        t_wait += time.perf_counter() - t_asked
         terms = dist.train_step(x_t, t, eps, eps_T, feats_T, cond)
         t_train += time.perf_counter() - t0
         n_samples += x_t.shape[0] * world
@@ -98,13 +102,15 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
             metrics = {**terms, "step": dist.step, "segment": dist.k, "loss_avg": sum(recent) / len(recent),
                        "val_loss": dist.val_loss(val_batches), "samples_per_s": n_samples / max(t_train, 1e-9),
                        "teacher_latency_ms": 1000 * teacher.latency_s / max(1, teacher.calls),
+                       "teacher_wait_share": t_wait / max(t_train, 1e-9),
                        "resumed_from": resumed_from, "time": time.time(), **_gpu_memory(dist.device)}
             recent.clear()
             history.append(metrics)
             on_report(metrics)
     bar.close()
     return {"steps": dist.step, "resumed_from": resumed_from, "started_at": started, "finished_at": time.time(),
-            "history": history}
+            "history": history, "train_s": t_train, "teacher_wait_s": t_wait,
+            "teacher_wait_share": t_wait / t_train if t_train > 0 else None}
 
 
 def _gpu_memory(device: torch.device) -> dict:

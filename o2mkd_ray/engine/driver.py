@@ -35,6 +35,8 @@ from o2mkd_ray.engine.trainers import (
 )
 from o2mkd_ray.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 # Ray Train V2 polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and every ray.train.report
 # waits for that poll: a faster poll keeps reports from stalling training.
 RAY_ENV = {
@@ -140,20 +142,27 @@ class TeacherService:
     handles: list = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     channels: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)  # actor name -> the node id it started on
 
 
 def _start_teacher_service(cfg: Config, out: Path, teacher, shape, todo: list[int]) -> TeacherService:
     """The teacher actors, when segments are left to train and ``teacher.mode`` is ``actor``."""
+    import ray
+
     from o2mkd_ray.core.teacher import TeacherFn
+    from o2mkd_ray.engine.placement import replica_nodes
     from o2mkd_ray.engine.teacher_service import actor_names, start_teacher
 
     fn = TeacherFn(teacher, cfg.kd.feature_blocks)
     service = TeacherService(channels=fn.feature_channels(shape) if cfg.kd.lambda_feat > 0 else {})
     if todo and cfg.teacher.mode == "actor":
         run_id = teacher_run_id(out)
-        service.names = actor_names(run_id, cfg.teacher.replicas)
+        nodes = replica_nodes(cfg.teacher)  # per_node: one per node that can train; else spread by Ray
+        service.names = actor_names(run_id, len(nodes))
         service.handles = start_teacher(cfg.teacher, run_id, list(service.channels) or None,
-                                        teacher_fault(cfg.debug, out))
+                                        teacher_fault(cfg.debug, out), nodes)
+        ready = ray.get([h.ready.remote() for h in service.handles])
+        service.nodes = {name: r["node_id"] for name, r in zip(service.names, ready)}
     return service
 
 
@@ -185,6 +194,7 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
     Returns:
         The report (:func:`o2mkd_ray.engine.run_folder.finish_run`) with the engine, Ray address and phase times.
     """
+    from o2mkd_ray.engine.bottleneck import teacher_load
     from o2mkd_ray.engine.teacher_service import teacher_stats
 
     t_start, timer = time.time(), PhaseTimer()
@@ -202,7 +212,8 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
             cond_ref = _share_cond_data(cfg, out, teacher, scheduler, service) if todo and is_text_to_image(cfg) \
                 else None
             inits = student_inits(cfg, teacher, segments.n) if todo else []
-            configs = loop_configs(cfg, segments, scheduler, todo, inits, service.names, service.channels, cond_ref)
+            configs = loop_configs(cfg, segments, scheduler, todo, inits, service.names, service.channels, cond_ref,
+                                   service.nodes)
         watch_driver(cfg.debug, storage)
         with timer.phase("train_s"):
             if progress:
@@ -211,18 +222,51 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
                       flush=True)
             console = ConsoleProgress(cfg.train.steps) if progress else None
             listeners = [checkpoints_only(on_progress), tracker.on_progress if tracker else None, console]
+            t_fit = time.time()
             try:
-                fit_all(configs, lambda k, c: fit_segment(cfg, k, c, storage, out, segments, train_callbacks),
-                        ProgressRelay([f for f in listeners if f]))
+                summaries = fit_all(configs, lambda k, c: fit_segment(cfg, k, c, storage, out, segments,
+                                                                      train_callbacks),
+                                    ProgressRelay([f for f in listeners if f]))
             finally:
                 if console is not None:
                     console.close()
-        stats = teacher_stats(service.handles, cfg)
+        stats = teacher_stats(service.handles, cfg, service.names,
+                              train_wall_s=training_window(summaries) or time.time() - t_fit)
     finally:
         with timer.phase("ray_shutdown_s"):
             _shutdown(service, started_ray)
-    return finish_run(cfg, out, teacher, scheduler, segments, shape, stats, t_start,
-                      extra={"engine": "ray", "ray_address": address, "phases": timer.phases})
+    report = finish_run(cfg, out, teacher, scheduler, segments, shape, stats, t_start,
+                        extra={"engine": "ray", "ray_address": address, "phases": timer.phases,
+                               "bottleneck": teacher_load(stats, summaries)})
+    _tell_bottleneck(report, tracker, progress)
+    return report
+
+
+def training_window(summaries: dict[int, dict]) -> float | None:
+    """Seconds from the first training loop's start to the last one's end over the segments trained in this run
+    (the teacher's utilisation is over this: worker start-up and teardown would dilute it), or None."""
+    starts = [s.get("loop_started_at") or s.get("started_at") for s in summaries.values()]
+    ends = [s.get("finished_at") for s in summaries.values()]
+    if not summaries or None in starts or None in ends:
+        return None
+    return max(ends) - min(starts)
+
+
+def _tell_bottleneck(report: dict, tracker, progress: bool) -> None:
+    """The run's last word on the teacher: its utilisation and the students' wait share to MLflow, and the advice
+    line (:mod:`o2mkd_ray.engine.bottleneck`) on the console and in the log when the teacher held training back."""
+    from o2mkd_ray.engine.bottleneck import tracker_metrics
+
+    if tracker is not None:
+        tracker.log_metrics(tracker_metrics(report))
+    b = report.get("bottleneck") or {}
+    if b.get("advice"):
+        log.warning("%s", b["advice"])
+        if progress:
+            print(b["advice"], flush=True)
+    elif b and progress:
+        print(f"teacher utilisation {b['teacher_utilisation']:.2f}, students waited {b['teacher_wait_share']:.0%} "
+              "of each step: the teacher kept up", flush=True)
 
 
 def describe_plan(cfg: Config, segments, todo: list[int], teacher_names: list[str], storage: str) -> str:
@@ -239,9 +283,11 @@ def describe_plan(cfg: Config, segments, todo: list[int], teacher_names: list[st
         cpus = ov.cpus_per_worker if ov and ov.cpus_per_worker is not None else r.cpus_per_worker
         gpus = ov.gpus_per_worker if ov and ov.gpus_per_worker is not None else r.gpus_per_worker
         res = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
-        lines.append(f"  seg-{k:02d}  t in [{lo}, {hi})  TorchTrainer seg-{k:02d}: {workers} worker(s) x {res}")
+        lines.append(f"  seg-{k:02d}  t in [{lo}, {hi})  TorchTrainer seg-{k:02d}: {workers} worker(s) x {res}"
+                     + (f", {r.placement}" if workers > 1 else ""))
     t = cfg.teacher
-    teacher = (f"{len(teacher_names)} shared actor(s) x {t.num_cpus:g} CPU" + (f" + {t.num_gpus:g} GPU" if t.num_gpus
+    teacher = (f"{len(teacher_names)} shared actor(s)" + (" (one per node)" if t.replicas == "per_node" else "")
+               + f" x {t.num_cpus:g} CPU" + (f" + {t.num_gpus:g} GPU" if t.num_gpus
                else "") if teacher_names else "a copy in each worker (teacher.mode: local)")
     return "\n".join([f"training {len(todo)} of {segments.n} segments concurrently, {cfg.train.steps} steps each:",
                       *lines, f"  teacher: {teacher}", f"  checkpoints: {display_storage(storage)}"])

@@ -4,10 +4,10 @@ It unpacks its config, builds the distiller, resumes from ``ray.train.get_checkp
 ``on_report`` that reports to Ray Train (rank 0 with a checkpoint) and to the driver's progress queue.
 
 Every rank also records its reports in ``rank-R.json`` in its segment's Ray Train folder
-(``OUT/ray/seg-KK``, local storage only): ``rank``, ``world_size``, and per report ``step``, ``pid``,
-``param_digest`` (:func:`param_digest` of the student) and, on a GPU, ``gpu_peak_mb``. Only rank 0's metrics
-reach the driver, so this is where the other ranks of a data-parallel segment can be seen: the same digest on
-every rank at a step shows that the ranks hold the same weights.
+(``OUT/ray/seg-KK``, local storage only): ``rank``, ``world_size``, and per report ``step``, ``pid``, the Ray
+``node_id`` and ``node_ip`` it ran on, ``param_digest`` (:func:`param_digest` of the student) and, on a GPU,
+``gpu_peak_mb``. Only rank 0's metrics reach the driver, so this is where the other ranks of a data-parallel
+segment can be seen: the same digest on every rank at a step shows that the ranks hold the same weights.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def train_loop_per_worker(config: dict) -> dict:
     from o2mkd_ray.distill.distiller import fixed_val_batches
     from o2mkd_ray.distill.loop import run, segment_batches
     from o2mkd_ray.engine.faults import worker_hook
+    from o2mkd_ray.engine.placement import node_of_this_process
 
     cfg, k = from_dict(config["cfg"]), config["segment"]
     ctx = ray.train.get_context()
@@ -86,7 +87,8 @@ def train_loop_per_worker(config: dict) -> dict:
     finally:
         if live is not None:
             live.close()
-    return {**res, "segment": k, "entered_at": entered, "started_at": entered}
+    return {**res, "segment": k, "entered_at": entered, "started_at": entered, "loop_started_at": res["started_at"],
+            **node_of_this_process()}
 
 
 def _student(config: dict) -> torch.nn.Module:
@@ -104,7 +106,8 @@ def _teacher(cfg: Config, config: dict, k: int, rank: int, device):
     from o2mkd_ray.engine.teacher_service import TeacherClient
 
     if cfg.teacher.mode == "actor":
-        return TeacherClient(config["teacher_names"], seed=1000 * k + rank, client=f"seg-{k:02d}")
+        return TeacherClient(config["teacher_names"], seed=1000 * k + rank, client=f"seg-{k:02d}",
+                             replica_nodes=config.get("teacher_nodes"))
     model, _ = load_teacher(cfg.teacher)
     # teacher.dtype (bf16/fp16) on a GPU, as the teacher actors do
     fn = TeacherFn(model.to(device), config.get("feature_blocks"), dtype=compute_dtype(cfg.teacher, device))
@@ -146,6 +149,9 @@ def _rank_ledger(rank: int, world: int) -> Callable[[dict], None] | None:
     except Exception as e:  # noqa: BLE001 - diagnostics only, never fatal to training
         log.debug("no rank ledger (%s)", e)
         return None
+    from o2mkd_ray.engine.placement import node_of_this_process
+
+    where = node_of_this_process()
     reports: list[dict] = []
     try:
         reports = list(json.loads(path.read_text()).get("reports", []))
@@ -154,7 +160,7 @@ def _rank_ledger(rank: int, world: int) -> Callable[[dict], None] | None:
 
     def record(metrics: dict) -> None:
         keys = ("step", "param_digest", "resumed_from", "time", "gpu_peak_mb")
-        reports.append({key: metrics.get(key) for key in keys} | {"pid": os.getpid()})
+        reports.append({key: metrics.get(key) for key in keys} | {"pid": os.getpid(), **where})
         try:
             write_json(path, {"rank": rank, "world_size": world, "reports": reports})
         except OSError as e:

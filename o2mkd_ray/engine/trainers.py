@@ -40,7 +40,8 @@ def student_inits(cfg: Config, teacher, n: int) -> list[dict]:
 
 
 def loop_configs(cfg: Config, segments: Segments, scheduler, todo: list[int], inits: list[dict],
-                 teacher_names: list[str], teacher_channels: dict[str, int], cond_ref=None) -> dict[int, dict]:
+                 teacher_names: list[str], teacher_channels: dict[str, int], cond_ref=None,
+                 teacher_nodes: dict[str, str] | None = None) -> dict[int, dict]:
     """The ``train_loop_config`` of each segment in ``todo`` (read by ``train_loop_per_worker``).
 
     Args:
@@ -49,20 +50,24 @@ def loop_configs(cfg: Config, segments: Segments, scheduler, todo: list[int], in
         teacher_names: the teacher actors' names (``[]``: ``teacher.mode: local``, a teacher copy per worker).
         teacher_channels: channels of the teacher blocks used for feature KD (``{}``: none).
         cond_ref: text-to-image runs: the object-store reference of the latents + text embeddings.
+        teacher_nodes: ``{actor name: node id}`` of the teacher replicas (workers prefer the one on their node).
     Returns:
         ``{segment: config}``. Object-store references travel wrapped in a list so that Ray passes them as
         references, fetched in the worker.
     """
     common = {"cfg": cfg.to_dict(), "boundaries": list(segments.boundaries),
               "scheduler_config": dict(scheduler.config), "teacher_names": teacher_names,
+              "teacher_nodes": dict(teacher_nodes or {}),
               "teacher_channels": teacher_channels, "feature_blocks": list(teacher_channels) or None,
               "cond_data": [cond_ref] if cond_ref is not None else None}
     return {k: {**common, "segment": k, "student_init": [ray.put(inits[k])]} for k in todo}
 
 
 def make_trainer(cfg: Config, k: int, loop_config: dict, storage: str, callbacks: list | None = None):
-    """Segment ``k``'s TorchTrainer: its workers and resources (``ray.segment_overrides``), and a stable run name
-    (``seg-KK`` under ``storage``) so that the same command resumes in place.
+    """Segment ``k``'s TorchTrainer: its workers, resources (``ray.segment_overrides``) and placement
+    (``ray.placement``), and a stable run name (``seg-KK`` under ``storage``) so that the same command resumes in
+    place. A worker lost with its node counts as a failure: ``ray.max_failures`` restarts the group (elsewhere)
+    from its last checkpoint.
 
     Args:
         loop_config: the segment's :func:`loop_configs` entry.
@@ -74,6 +79,7 @@ def make_trainer(cfg: Config, k: int, loop_config: dict, storage: str, callbacks
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from o2mkd_ray.engine.placement import PLACEMENT_STRATEGY
     from o2mkd_ray.engine.train_loop import train_loop_per_worker
 
     r = cfg.ray
@@ -87,7 +93,8 @@ def make_trainer(cfg: Config, k: int, loop_config: dict, storage: str, callbacks
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources,
+                                     placement_strategy=PLACEMENT_STRATEGY[r.placement]),
         run_config=RunConfig(
             name=f"seg-{k:02d}", storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep, checkpoint_score_attribute="step",
@@ -111,7 +118,9 @@ def fit_segment(cfg: Config, k: int, loop_config: dict, storage: str, out: Path,
     """Trains segment ``k`` to the end and saves its chosen EMA student into ``OUT/segments/seg-KK``.
 
     Returns:
-        The segment's summary (``o2mkd_ray.distill.run_folder.segment_summary`` plus the fit and worker times).
+        The segment's summary (``o2mkd_ray.distill.run_folder.segment_summary`` plus the fit and worker times,
+        ``teacher_wait_share`` of the last attempt, and ``workers``: each rank's node, from the rank ledgers or,
+        without them, rank 0's own).
     Raises:
         The training error when the run failed (after Ray Train's retries).
     """
@@ -121,8 +130,15 @@ def fit_segment(cfg: Config, k: int, loop_config: dict, storage: str, out: Path,
         raise result.error
     ckpt, metrics = pick_checkpoint(cfg, result)
     run = {"started_at": t0, "finished_at": time.time(), **(getattr(result, "return_value", None) or {})}
+    from o2mkd_ray.engine.placement import ledger_placement
+
+    workers = ledger_placement(storage, k) or ([{"rank": 0, **{key: run[key] for key in ("node_id", "node_ip")}}]
+                                              if run.get("node_id") else [])
     summary = segment_summary(k, segments, run, metrics, ckpt.path if ckpt else None, fit_started_at=t0,
-                              fit_finished_at=time.time(), worker_entered_at=run.get("entered_at"))
+                              fit_finished_at=time.time(), worker_entered_at=run.get("entered_at"),
+                              train_s=run.get("train_s"), teacher_wait_share=run.get("teacher_wait_share"),
+                              loop_started_at=run.get("loop_started_at"),
+                              workers=workers)
     with ckpt.as_directory() as d:
         save_segment(out, k, Path(d), summary)
     log.info("segment %d saved: %d steps, loss %.4f", k, summary["steps"], summary["final_loss"] or float("nan"))
@@ -138,8 +154,11 @@ class ProgressRelay:
 
     def __init__(self, listeners: list[Callable[[int, dict], None]]):
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # on the driver's node: on a cluster, a queue on a worker node would be lost with that node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.listeners = listeners
 
     def drain(self, timeout: float) -> None:

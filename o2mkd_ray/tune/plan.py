@@ -102,8 +102,8 @@ def check_configs(*cfgs: Config) -> None:
     Args:
         cfgs: e.g. the base config and the budgeted one trials start from.
     Raises:
-        ConfigError: what the pre-flight rejects (for a text-to-image teacher also a missing ``sd`` extra, an
-            incomplete model folder or a bad prompts file).
+        ConfigError: ``teacher.replicas: per_node``, or what the pre-flight rejects (for a text-to-image teacher
+            also a missing ``sd`` extra, an incomplete model folder or a bad prompts file).
     """
     from o2mkd_ray.core.teacher_checks import check_run
     from o2mkd_ray.data.build import check_data
@@ -113,6 +113,10 @@ def check_configs(*cfgs: Config) -> None:
         if cfg.to_dict() in seen:
             continue
         seen.append(cfg.to_dict())
+        if cfg.teacher.mode == "actor" and cfg.teacher.replicas == "per_node":
+            # a trial's teacher actors live in its placement group, which is sized from a number of replicas
+            raise ConfigError("teacher.replicas: per_node is for distill on a cluster; give tune a number of "
+                              "replicas, e.g. teacher.replicas=1")
         check_run(cfg)
         check_data(cfg.data)
 

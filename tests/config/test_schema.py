@@ -42,7 +42,7 @@ DEFAULTS = {
               "num_threads": 0},
     "sampling": {"scheduler": "ddim", "steps": 50, "num_images": 16, "eta": 0.0, "seed": 0, "guidance_scale": 7.5,
                  "prompts": None, "negative_prompt": None},
-    "ray": {"address": None, "num_cpus": None, "workers_per_segment": 1, "cpus_per_worker": 0.5,
+    "ray": {"address": None, "num_cpus": None, "workers_per_segment": 1, "placement": "pack", "cpus_per_worker": 0.5,
             "gpus_per_worker": 0.0, "segment_overrides": {}, "storage_path": None, "max_failures": 2, "num_to_keep": 2,
             "health_check_interval_s": 0.3, "dashboard_host": "127.0.0.1"},
     "mlflow": {"enabled": True, "tracking_uri": None, "experiment": "o2mkd", "log_pipeline": True, "timeout_s": 5.0},
@@ -215,7 +215,10 @@ def test_pydantic_text_never_reaches_the_user(data, overrides):
     (lambda: KDConfig(lambda_out=0, lambda_feat=0), "kd: all of kd.lambda_out, kd.lambda_feat, kd.lambda_task are 0; "
                                                     "nothing to train"),
     (lambda: Config(train={"steps": True}), "train.steps: expected an integer, got True"),
-    (lambda: build_section(TeacherConfig, {"replicas": "x"}), "replicas: expected an integer, got 'x'"),
+    (lambda: build_section(TeacherConfig, {"replicas": "x"}), "replicas: expected int or 'per_node', got 'x'"),
+    (lambda: build_section(TeacherConfig, {"replicas": 0}, "teacher"),
+     "teacher.replicas: must be >= 1 or 'per_node', got 0"),
+    (lambda: Config(ray={"placement": "scatter"}), "ray.placement: must be one of 'spread' | 'pack', got 'scatter'"),
     (lambda: build_section(TeacherConfig, {"replica": 1}, "teacher"),
      "unknown config key 'teacher.replica'; did you mean 'teacher.replicas'?"),
     (lambda: build_section(DataConfig, 3, "data"), "data: expected a mapping, got 3"),
@@ -258,7 +261,7 @@ def test_debug_stays_an_open_mapping():
 
 def test_known_keys_and_mapping_sub_keys():
     keys = known_keys()
-    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 86
+    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 87
     assert {"students.unet", "ray.segment_overrides", "debug", "segments.n"} <= set(keys)
     cfg = from_dict({}, ["students.unet.sample_size=8", "ray.segment_overrides.0.num_workers=2", "debug.marker=/m"])
     assert cfg.students.unet == {"sample_size": 8}

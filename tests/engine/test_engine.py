@@ -119,6 +119,14 @@ def test_run_is_tracked_on_a_real_mlflow_server(ray_run, mlflow_url):
     ev = {a.path for a in client.list_artifacts(info["run_id"], "eval")}
     assert "eval/agreement_vs_t.png" in ev and "eval/report.md" in ev
     assert "eval/agreement_mse" in parent.data.metrics
+    # the teacher's utilisation (per replica and mean) and the students' wait share reach the parent run
+    b = report["bottleneck"]
+    name = report["teacher"]["per_replica"][0]["name"]
+    assert parent.data.metrics["teacher_utilisation"] == pytest.approx(b["teacher_utilisation"])
+    assert parent.data.metrics[f"teacher_utilisation/{name}"] == pytest.approx(b["teacher_utilisation"])
+    assert parent.data.metrics["teacher_wait_share"] == pytest.approx(b["teacher_wait_share"])
+    assert {f"teacher_wait_share/seg-{k:02d}" for k in range(3)} <= set(parent.data.metrics)
+    assert 0 < b["teacher_utilisation"] <= 1 and 0 <= b["teacher_wait_share"] < 1
 
 
 def test_quick_eval_written_by_distill(ray_run):

@@ -309,6 +309,9 @@ def test_run_tuning_fails_early_on_bad_input(tiny_overrides, tmp_path):
     (exp / "tuner.pkl").write_bytes(b"")
     with pytest.raises(ConfigError, match="already holds a tune search"):
         run_tuning(cfg, {"segments.n": {"choice": [2]}}, tmp_path / "out", resume=False)
+    per_node = from_dict(_base(tiny_overrides), ["teacher.replicas=per_node"])
+    with pytest.raises(ConfigError, match="teacher.replicas: per_node is for distill on a cluster"):
+        run_tuning(per_node, {"segments.n": {"choice": [2]}}, tmp_path / "out-per-node")
     for alg in ("optuna", "hyperopt"):
         if importlib.util.find_spec(alg) is None:
             with pytest.raises(ConfigError, match=f"search.algorithm={alg} needs `pip install {alg}`"):
