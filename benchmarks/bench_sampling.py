@@ -41,7 +41,6 @@ to FILE.md with the timing table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -188,6 +187,8 @@ def main(argv=None) -> dict:
         rows += summarize(times, images, batch, macs_speedup, os.getloadavg()[0])
         if args.profile:
             prof_rows += profile_batch(pipes, run, batch, args, conv_per_image)
+        if args.json:  # after every batch size: a long run stopped early still leaves its figures
+            write_json(args.json, {"partial": True, "table": rows, "profile": prof_rows, "times_s": all_times})
     table = pd.DataFrame(rows).set_index(["batch", "mode"])
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3g}".format):
@@ -201,15 +202,21 @@ def main(argv=None) -> dict:
               "cores": os.cpu_count(), "torch": torch.__version__, "macs_speedup": macs_speedup, **cost,
               "times_s": all_times, "table": table.reset_index().to_dict(orient="records"), "profile": prof_rows}
     if args.profile:
-        write_profile(args, table, prof_rows, footer)
+        write_profile(args, table, prof_rows, footer, macs_speedup)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=float))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 
 
-def write_profile(args, table, prof_rows: list[dict], footer: str) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    from o2mkd_ray.core.atomic import write_json as atomic_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_json(path, obj, default=float)
+
+
+def write_profile(args, table, prof_rows: list[dict], footer: str, macs_speedup: float) -> None:
     """The profile as this pipeline's section of ``--profile`` (between its markers; the rest of the file, e.g.
     a written conclusion, is kept; appended when the file has no such section yet)."""
     from sampling_profile import markdown
@@ -220,7 +227,8 @@ def write_profile(args, table, prof_rows: list[dict], footer: str) -> None:
     head = (f"### {args.pipeline}: measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
             f"    {cmd}\n\n{footer}\n\n" + table.to_markdown(floatfmt=".3g") + "\n")
     begin, end = f"<!-- profile:{args.pipeline} -->", f"<!-- /profile:{args.pipeline} -->"
-    section = f"{begin}\n{markdown(prof_rows, head)}{end}"
+    act_speedup = 1 / statistics.fmean(float(w) for w in str(args.width).split(","))
+    section = f"{begin}\n{markdown(prof_rows, head, macs_speedup, act_speedup)}{end}"
     old = args.profile.read_text() if args.profile.exists() else ""
     if begin in old and end in old:
         text = old[:old.index(begin)] + section + old[old.index(end) + len(end):]

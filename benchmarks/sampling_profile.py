@@ -95,8 +95,35 @@ def hook_overheads(pipe, unet, run, batch: int, steps: int, seed: int) -> dict:
     return {"step_overhead": wall - clock["unet"], "routing": clock["unet"] - clock["students"] if inner else 0.0}
 
 
-def markdown(rows: list[dict], header: str) -> str:
-    """The profile table (shares of wall time per category) and the top ops of each pipeline."""
+def scaling_bound(teacher: dict, macs_speedup: float, act_speedup: float) -> float:
+    """The efficiency the teacher's own profile allows: students whose MAC ops (conv, matmul) are faster by the
+    MACs speedup, whose other ops and copies (memory-bound, proportional to the activations) are faster by
+    ``act_speedup`` (1 / width) and whose Python time is the same. Any gap above it is the students' ops running
+    at a lower throughput than the teacher's."""
+    w = teacher["wall_s"]
+    mac, act = teacher["conv"] + teacher["matmul"], teacher["copies"] + teacher["other ops"] + teacher["compiled"]
+    students = mac / macs_speedup + act / act_speedup + teacher["python"]
+    return w / students / macs_speedup
+
+
+def bounds_table(rows: list[dict], macs_speedup: float, act_speedup: float) -> list[str]:
+    """Per batch size and mode: measured (profiled-run) efficiency next to :func:`scaling_bound`."""
+    by = {(r["batch"], r["network"], r["mode"]): r for r in rows}
+    lines = ["", (f"Efficiency the teacher's profile allows (MAC ops / {macs_speedup:.2f}, other ops and copies / "
+             f"{act_speedup:.2f}, Python time unchanged) against the profiled runs' own:"), "",
+             "| batch | mode | teacher MAC-op share | bound | profiled run |", "|---|---|---|---|---|"]
+    for (batch, network, mode), t in by.items():
+        s = by.get((batch, "students", mode))
+        if network != "teacher" or s is None:
+            continue
+        share = (t["conv"] + t["matmul"]) / t["wall_s"]
+        lines.append(f"| {batch} | {mode} | {100 * share:.0f}% | {scaling_bound(t, macs_speedup, act_speedup):.2f}"
+                     f" | {t['wall_s'] / s['wall_s'] / macs_speedup:.2f} |")
+    return lines
+
+
+def markdown(rows: list[dict], header: str, macs_speedup: float, act_speedup: float) -> str:
+    """The profile table (shares of wall time per category), the scaling bound and the top ops."""
     lines = [header, "",
              "| batch | pipeline | mode | wall s | " + " | ".join(CATEGORIES) + " | step overhead | routing |"
              " conv GMAC/s |",
@@ -107,6 +134,7 @@ def markdown(rows: list[dict], header: str) -> str:
                  if "routing" in r else "– | –")
         lines.append(f"| {r['batch']} | {r['network']} | {r['mode']} | {r['wall_s']:.3f} | {share} | {extra} | "
                      f"{r['conv_gmacs_s']:.1f} |")
+    lines += bounds_table(rows, macs_speedup, act_speedup)
     lines += ["", "Top ops by self CPU time (seconds of the profiled run):", ""]
     for r in rows:
         tops = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top"])
