@@ -129,3 +129,30 @@ def test_one_owner_batch_is_passed_through_without_copies():
     seen.clear()
     m(x, torch.tensor([10, 500, 900, 20]))
     assert len(seen) == 6 and x.data_ptr() not in seen  # mixed: 3 students, each on its own slice
+
+
+def test_text_to_image_pipeline_accelerates_its_unet_students(tiny_sd_dir):
+    """O2MKDStableDiffusionPipeline.accelerate reaches the students inside its ``unet`` component: channels_last
+    weights, images (guidance: a batch of 2 per UNet call, text conditioning) within float rounding of options
+    off, and accelerate() undoes it bit-exactly."""
+    from diffusers import StableDiffusionPipeline
+
+    from o2mkd_ray.pipelines.stable_diffusion import O2MKDStableDiffusionPipeline
+
+    teacher = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    students = MultiStudentUNet([teacher.unet] * 2, boundaries=(0, 500, 1000)).eval()
+    pipe = O2MKDStableDiffusionPipeline.from_teacher(teacher, students)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe("a red cube", num_inference_steps=3, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    off = images()
+    pipe.accelerate(channels_last=True)
+    assert pipe.unet.acceleration.channels_last
+    assert all(s.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not s.conv_in.weight.is_contiguous()
+               for s in pipe.unet.students)
+    assert np.abs(images() - off).max() < 1e-4
+    pipe.accelerate()
+    np.testing.assert_array_equal(images(), off)
