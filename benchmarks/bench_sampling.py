@@ -25,7 +25,9 @@ batch sizes (dynamic=False: one graph per batch shape anyway). MACs: ``o2mkd_ray
 
 efficiency = wall-time speedup (teacher / students) / MACs speedup (teacher MACs / student MACs per step).
 Targets (CPU, unconditional): >= 0.9 at batch 16, >= 0.8 at batch 4. ``max_abs_diff``: images of the mode
-vs ``off`` (max over teacher and students). ``gain``: students' time off / in the mode.
+vs ``off`` (max over teacher and students). ``gain_cpu``: students' CPU time off / in the mode.
+``efficiency_cpu`` uses the process's CPU time instead of wall time: on a busy shared machine the time spent
+waiting for a core inflates wall times at random, CPU time much less (with ``--threads 1`` it is the compute).
 
 ``--profile FILE.md``: after timing each batch size, one profiled run of every pipeline (ops grouped into conv,
 matmul, copies, other ops, compiled, python; step and routing overhead; see ``sampling_profile.py``), written
@@ -86,38 +88,45 @@ def modes_of(text: str) -> list[str]:
     return ["off"] + [m for m in names if m != "off"]  # off: the reference for max_abs_diff and gain
 
 
-def time_batch(pipes: dict, run, batch: int, args) -> tuple[dict, dict]:
-    """Interleaved, rotated repetitions of every variant at one batch size; returns (times, first images)."""
+def time_batch(pipes: dict, run, batch: int, args) -> tuple[dict, dict, dict]:
+    """Interleaved, rotated repetitions of every variant at one batch size; returns (wall times, CPU times,
+    first images)."""
     for pipe in pipes.values():  # warm-up (allocator, kernels, compilation for this batch shape)
         run(pipe, batch, min(args.steps, 2), args.seed)
     names = list(pipes)
     times: dict = {name: [] for name in names}
+    cpu: dict = {name: [] for name in names}
     images: dict = {}
     for r in range(args.reps):
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no variant always first
-            dt, img = run(pipes[name], batch, args.steps, args.seed)
+            (dt, dc), img = run(pipes[name], batch, args.steps, args.seed)
             times[name].append(dt)
+            cpu[name].append(dc)
             images.setdefault(name, img)
-        print(f"  batch {batch} rep {r + 1}/{args.reps} (load {os.getloadavg()[0]:.1f}): "
-              + ", ".join(f"{n}/{m} {times[(n, m)][-1]:.2f}s" for n, m in names), flush=True)
-    return times, images
+        print(f"  batch {batch} rep {r + 1}/{args.reps} (load {load()}): " + ", ".join(
+            f"{n}/{m} {times[(n, m)][-1]:.2f}s (cpu {cpu[(n, m)][-1]:.2f}s)" for n, m in names), flush=True)
+    return times, cpu, images
 
 
-def summarize(times: dict, images: dict, batch: int, macs_speedup: float, load: float) -> list[dict]:
-    """One row per mode: medians, speedup, efficiency, gain over off, and the image difference from off."""
+def summarize(times: dict, cpu: dict, images: dict, batch: int, macs_speedup: float) -> list[dict]:
+    """One row per mode: medians, speedup, efficiency (wall, fastest reps, CPU time), gain over off, and the
+    image difference from off."""
     import numpy as np
 
     rows = []
+    med = statistics.median
     for mode in [m for m in MODES if ("teacher", m) in times]:
-        t, s = (statistics.median(times[(n, mode)]) for n in ("teacher", "students"))
+        t, s = (med(times[(n, mode)]) for n in ("teacher", "students"))
         t_min, s_min = (min(times[(n, mode)]) for n in ("teacher", "students"))
+        t_cpu, s_cpu = (med(cpu[(n, mode)]) for n in ("teacher", "students"))
         rows.append({
             "batch": batch, "mode": mode, "teacher_s": t, "students_s": s, "speedup": t / s,
             "efficiency": t / s / macs_speedup, "efficiency_min": t_min / s_min / macs_speedup,
-            "gain": statistics.median(times[("students", "off")]) / s,
+            "efficiency_cpu": t_cpu / s_cpu / macs_speedup,
+            "gain_cpu": med(cpu[("students", "off")]) / s_cpu,
             "max_abs_diff": max(float(np.abs(images[(n, mode)] - images[(n, "off")]).max())
                                 for n in ("teacher", "students")),
-            "load": load,
+            "load1": os.getloadavg()[0],
         })
     return rows
 
@@ -182,9 +191,9 @@ def main(argv=None) -> dict:
     rows, prof_rows, all_times = [], [], {}
     for batch in batches:
         torch._dynamo.reset()  # at most 4 graphs live per batch size (teacher/students x layout)
-        times, images = time_batch(pipes, run, batch, args)
-        all_times[batch] = {f"{n}/{m}": v for (n, m), v in times.items()}
-        rows += summarize(times, images, batch, macs_speedup, os.getloadavg()[0])
+        times, cpu, images = time_batch(pipes, run, batch, args)
+        all_times[batch] = {f"{n}/{m}": {"wall": v, "cpu": cpu[(n, m)]} for (n, m), v in times.items()}
+        rows += summarize(times, cpu, images, batch, macs_speedup)
         if args.profile:
             prof_rows += profile_batch(pipes, run, batch, args, conv_per_image)
         if args.json:  # after every batch size: a long run stopped early still leaves its figures

@@ -54,7 +54,7 @@ def profile_run(pipe, run, batch: int, steps: int, seed: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        wall, _ = run(pipe, batch, steps, seed)
+        (wall, _), _ = run(pipe, batch, steps, seed)
     sums: dict = defaultdict(float)
     ops: dict = defaultdict(float)
     for e in prof.key_averages():
@@ -88,7 +88,7 @@ def hook_overheads(pipe, unet, run, batch: int, steps: int, seed: int) -> dict:
     for s in inner:
         handles += [s.register_forward_pre_hook(pre("students")), s.register_forward_hook(post("students"))]
     try:
-        wall, _ = run(pipe, batch, steps, seed)
+        (wall, _), _ = run(pipe, batch, steps, seed)
     finally:
         for h in handles:
             h.remove()
