@@ -96,10 +96,10 @@ def hook_overheads(pipe, unet, run, batch: int, steps: int, seed: int) -> dict:
 
 
 def scaling_bound(teacher: dict, macs_speedup: float, act_speedup: float) -> float:
-    """The efficiency the teacher's own profile allows: students whose MAC ops (conv, matmul) are faster by the
-    MACs speedup, whose other ops and copies (memory-bound, proportional to the activations) are faster by
-    ``act_speedup`` (1 / width) and whose Python time is the same. Any gap above it is the students' ops running
-    at a lower throughput than the teacher's."""
+    """The efficiency the teacher's own profile predicts (a model, not a hard bound): students whose MAC ops
+    (conv, matmul) are faster by the MACs speedup, whose other ops and copies (memory-bound, proportional to the
+    activations) are faster by ``act_speedup`` (1 / width) and whose Python time is the same. Weight copies
+    shrink with the weights (width^2), so where copies are large the model is pessimistic."""
     w = teacher["wall_s"]
     mac, act = teacher["conv"] + teacher["matmul"], teacher["copies"] + teacher["other ops"] + teacher["compiled"]
     students = mac / macs_speedup + act / act_speedup + teacher["python"]
@@ -107,11 +107,11 @@ def scaling_bound(teacher: dict, macs_speedup: float, act_speedup: float) -> flo
 
 
 def bounds_table(rows: list[dict], macs_speedup: float, act_speedup: float) -> list[str]:
-    """Per batch size and mode: measured (profiled-run) efficiency next to :func:`scaling_bound`."""
+    """Per batch size and mode: the profiled runs' efficiency next to :func:`scaling_bound`'s model."""
     by = {(r["batch"], r["network"], r["mode"]): r for r in rows}
-    lines = ["", (f"Efficiency the teacher's profile allows (MAC ops / {macs_speedup:.2f}, other ops and copies / "
+    lines = ["", (f"Efficiency the teacher's profile predicts (MAC ops / {macs_speedup:.2f}, other ops and copies / "
              f"{act_speedup:.2f}, Python time unchanged) against the profiled runs' own:"), "",
-             "| batch | mode | teacher MAC-op share | bound | profiled run |", "|---|---|---|---|---|"]
+             "| batch | mode | teacher MAC-op share | model | profiled run |", "|---|---|---|---|---|"]
     for (batch, network, mode), t in by.items():
         s = by.get((batch, "students", mode))
         if network != "teacher" or s is None:
