@@ -1,32 +1,48 @@
 """Sampling cost: the teacher against O2MKD students, same scheduler, steps and noise, by batch size, in one process.
 
-What it measures: the wall time of one whole DDIM sampling run (``--steps`` steps) at each ``--batches`` size for
+What it measures: the wall time of one whole DDIM sampling run (``--steps`` steps) at each ``--batches`` size, for
+the teacher and for N students of width ``--width`` (``students.build_student``; each step run by the student
+whose segment holds its timestep), under each acceleration mode of ``--modes``:
 
-  teacher   O2MKDPipeline whose only "student" is the teacher itself (the students' sampling loop, so the
-            ratio against ``students`` isolates the network cost; its images equal DDIMPipeline's, see
-            tests/pipelines)
-  students  O2MKDPipeline over N students of width ``--width`` (``students.build_student``), each step run by
-            the student whose segment holds its timestep
+  off            no option (images bit-identical to diffusers)
+  channels_last  ``pipe.accelerate(channels_last=True)``
+  compile        ``pipe.accelerate(compile=True)`` (one ``torch.compile`` wrapper per student; tens of seconds
+                 to minutes of compilation per graph and batch shape on CPU, in the warm-up)
+  both           ``pipe.accelerate(compile=True, channels_last=True)``
 
-each with the acceleration options off and on (``--options``, default ``channels_last``; ``compile`` adds
-``torch.compile`` per student, tens of seconds to minutes per graph and batch shape on CPU). The teacher gets
-the same options as the students so that the ratio stays fair. Shape: google/ddpm-cifar10-32 (random weights:
-only the timing matters). Per batch size, each repetition runs every variant once in a rotated order
-(interleaved), after one warm-up run of each; medians are reported. MACs: ``o2mkd_ray.core.costs.count_macs``
+The teacher always gets the same options as the students, so that the ratio stays fair. ``--pipeline``:
+
+  unconditional  google/ddpm-cifar10-32's UNet: O2MKDPipeline over the teacher alone (the students' sampling
+                 loop, so the ratio isolates the network cost) vs O2MKDPipeline over the students
+  t2i            an SD-1.x-like UNet at a fifth of its width, 32x32 latents (compute-bound): diffusers'
+                 StableDiffusionPipeline vs O2MKDStableDiffusionPipeline, guidance 7.5, denoising loop only
+
+Random weights (only the timing matters). Per batch size, each repetition runs every (network, mode) once in a
+rotated order (interleaved), after one warm-up run of each; medians are reported, and the efficiency of the
+fastest reps (load spikes on a shared machine only ever add time). torch.compile's caches are reset between
+batch sizes (dynamic=False: one graph per batch shape anyway). MACs: ``o2mkd_ray.core.costs.count_macs``
 (batch 1), per step averaged over the students the run visits.
 
 efficiency = wall-time speedup (teacher / students) / MACs speedup (teacher MACs / student MACs per step).
-Targets (CPU): >= 0.9 at batch 16, >= 0.8 at batch 4. ``max_abs_diff``: images with the options on vs off.
+Targets (CPU, unconditional): >= 0.9 at batch 16, >= 0.8 at batch 4. ``max_abs_diff``: images of the mode
+vs ``off`` (max over teacher and students). ``gain_cpu``: students' CPU time off / in the mode.
+``efficiency_cpu`` uses the process's CPU time instead of wall time: on a busy shared machine the time spent
+waiting for a core inflates wall times at random, CPU time much less (with ``--threads 1`` it is the compute).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sampling.py --threads 2       # batches 1,4,16,64
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sampling.py --batches 4 --steps 2 --reps 1   # smoke
+``--profile FILE.md``: after timing each batch size, one profiled run of every pipeline (ops grouped into conv,
+matmul, copies, other ops, compiled, python; step and routing overhead; see ``sampling_profile.py``), written
+to FILE.md with the timing table.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py --threads 1 --steps 2 --reps 5
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py --threads 1 --modes off,channels_last \\
+        --profile docs/sampling.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py --pipeline t2i --batches 1,4 --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py --batches 4 --steps 2 --reps 1  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import statistics
 import sys
@@ -35,26 +51,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# google/ddpm-cifar10-32 unet/config.json (diffusers UNet2DModel, 35.7 M parameters); attention_head_dim is
-# null there: one head per attention block
-CIFAR10_DDPM_UNET = dict(
-    sample_size=32, in_channels=3, out_channels=3, center_input_sample=False,
-    time_embedding_type="positional", freq_shift=1, flip_sin_to_cos=False,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(128, 256, 256, 256), layers_per_block=2, mid_block_scale_factor=1,
-    downsample_padding=0, act_fn="silu", attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6,
-    add_attention=True,
-)
-# its scheduler_config.json: DDPM, 1000 steps, linear betas 1e-4..0.02, clip_sample true
-CIFAR10_DDPM_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
-                              beta_schedule="linear", clip_sample=True)
+from sampling_builds import MODES, build_t2i, build_unconditional
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--pipeline", choices=("unconditional", "t2i"), default="unconditional")
     p.add_argument("--batches", default="1,4,16,64", help="batch sizes, comma-separated (default 1,4,16,64)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per run (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each variant (default 3)")
@@ -62,118 +67,104 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="student width: one value, or one per segment comma-separated (0 = low-noise end)")
     p.add_argument("--n", type=int, default=3, help="number of students / segments (default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--options", default="channels_last",
-                   help="acceleration options for the 'on' variants: channels_last, compile, or both comma-"
-                        "separated; 'none' times the options-off variants only (default channels_last)")
+    p.add_argument("--modes", default="off,channels_last,compile,both",
+                   help=f"acceleration modes, comma-separated, among {', '.join(MODES)} (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=Path, default=None, help="profile every pipeline; write the summary here")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return p.parse_args(argv)
 
 
-def options(text: str) -> dict:
-    """``--options`` as ``accelerate`` keyword arguments ({} for 'none')."""
-    names = {o.strip() for o in text.split(",") if o.strip() and o.strip() != "none"}
-    unknown = names - {"channels_last", "compile"}
-    if unknown:
-        sys.exit(f"--options: unknown {sorted(unknown)}; use channels_last, compile or none")
-    return {name: True for name in sorted(names)}
+def load() -> str:
+    """The 1, 5 and 15 minute load averages (the machine may be shared: read the figures against them)."""
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def build(args):
-    """The teacher, the students and the pipelines to time, plus the MACs of each network."""
-    import torch
-    from diffusers import DDIMScheduler, UNet2DModel
-
-    from o2mkd_ray import MultiStudentUNet, O2MKDPipeline, Segments
-    from o2mkd_ray.core.costs import count_macs, count_params
-    from o2mkd_ray.core.students import build_student
-
-    widths = [float(w) for w in str(args.width).split(",")]
-    if len(widths) == 1:
-        widths *= args.n
-    if len(widths) != args.n:
-        sys.exit(f"--width: got {len(widths)} values for --n {args.n}; give one value or {args.n}")
-
-    torch.manual_seed(args.seed)
-    teacher = UNet2DModel(**CIFAR10_DDPM_UNET).eval()
-    segments = Segments.uniform(num_train_timesteps=CIFAR10_DDPM_SCHEDULER["num_train_timesteps"], n=args.n)
-    students = [build_student(teacher, width=w).eval() for w in widths]  # channel-sliced teacher weights
-
-    def sched():  # one scheduler per pipeline: set_timesteps keeps state
-        return DDIMScheduler(**CIFAR10_DDPM_SCHEDULER)
-
-    whole = (0, segments.boundaries[-1])  # one segment: the teacher owns every timestep
-    opts = options(args.options)
-    pipes = {}
-    for mode in (["off", "on"] if opts else ["off"]):
-        # the "on" pipelines get their own copies: the memory layout is set on the modules themselves
-        t_net, s_nets = (teacher, students) if mode == "off" else copy.deepcopy((teacher, students))
-        for name, multi in (("teacher", MultiStudentUNet([t_net], boundaries=whole)),
-                            ("students", MultiStudentUNet(s_nets, boundaries=segments.boundaries))):
-            pipe = O2MKDPipeline(students=multi, scheduler=sched())
-            pipe.set_progress_bar_config(disable=True)
-            pipes[(name, mode)] = pipe.accelerate(**opts) if mode == "on" else pipe
-
-    # MACs per step of the run: the owner of each DDIM timestep, averaged over the steps
-    probe = sched()
-    probe.set_timesteps(args.steps)
-    owners = [int(segments.owner(int(t))) for t in probe.timesteps]
-    t_macs = count_macs(teacher)
-    s_macs = [count_macs(s) for s in students]
-    visited = [s_macs[k] for k in owners]
-    cost = {
-        "teacher_macs": t_macs, "teacher_params": count_params(teacher),
-        "student_macs": s_macs, "student_params": [count_params(s) for s in students],
-        "student_configs": [list(s.config.block_out_channels) for s in students],
-        "timesteps": [int(t) for t in probe.timesteps], "owners": owners,
-        "student_macs_per_step": statistics.fmean(visited),
-        "macs_ratio": statistics.fmean(visited) / t_macs,  # student / teacher, per step
-    }
-    return pipes, cost, segments, widths
+def modes_of(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        sys.exit(f"--modes: unknown {unknown or 'empty'}; use {', '.join(MODES)}")
+    return ["off"] + [m for m in names if m != "off"]  # off: the reference for max_abs_diff and gain
 
 
-def run_once(pipe, batch: int, steps: int, seed: int):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    images = pipe(batch_size=batch, generator=g, num_inference_steps=steps, output_type="np").images
-    return time.perf_counter() - t0, images
-
-
-def time_batch(pipes: dict, batch: int, args) -> tuple[dict, dict]:
-    """Interleaved, rotated repetitions of every variant at one batch size; returns (times, first images)."""
+def time_batch(pipes: dict, run, batch: int, args) -> tuple[dict, dict, dict]:
+    """Interleaved, rotated repetitions of every variant at one batch size; returns (wall times, CPU times,
+    first images)."""
     for pipe in pipes.values():  # warm-up (allocator, kernels, compilation for this batch shape)
-        run_once(pipe, batch, min(args.steps, 2), args.seed)
+        run(pipe, batch, min(args.steps, 2), args.seed)
     names = list(pipes)
     times: dict = {name: [] for name in names}
+    cpu: dict = {name: [] for name in names}
     images: dict = {}
     for r in range(args.reps):
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no variant always first
-            dt, img = run_once(pipes[name], batch, args.steps, args.seed)
+            (dt, dc), img = run(pipes[name], batch, args.steps, args.seed)
             times[name].append(dt)
+            cpu[name].append(dc)
             images.setdefault(name, img)
-        print(f"  batch {batch} rep {r + 1}/{args.reps}: "
-              + ", ".join(f"{n}/{m} {times[(n, m)][-1]:.2f}s" for n, m in names), flush=True)
-    return times, images
+        print(f"  batch {batch} rep {r + 1}/{args.reps} (load {load()}): " + ", ".join(
+            f"{n}/{m} {times[(n, m)][-1]:.2f}s (cpu {cpu[(n, m)][-1]:.2f}s)" for n, m in names), flush=True)
+    return times, cpu, images
 
 
-def summarize(times: dict, images: dict, batch: int, macs_speedup: float) -> list[dict]:
-    """One row per options mode: medians, speedup, efficiency, and the on-vs-off image difference."""
+def summarize(times: dict, cpu: dict, images: dict, batch: int, macs_speedup: float) -> list[dict]:
+    """One row per mode: medians, speedup, efficiency (wall, fastest reps, CPU time), gain over off, and the
+    image difference from off."""
     import numpy as np
 
     rows = []
-    for mode in sorted({m for _, m in times}, key=["off", "on"].index):
-        t, s = (statistics.median(times[(n, mode)]) for n in ("teacher", "students"))
-        # fastest reps too: on a shared machine, load spikes only ever add time
+    med = statistics.median
+    for mode in [m for m in MODES if ("teacher", m) in times]:
+        t, s = (med(times[(n, mode)]) for n in ("teacher", "students"))
         t_min, s_min = (min(times[(n, mode)]) for n in ("teacher", "students"))
-        row = {"batch": batch, "options": mode, "teacher_s": t, "students_s": s, "speedup": t / s,
-               "efficiency": t / s / macs_speedup, "efficiency_min": t_min / s_min / macs_speedup}
-        if mode == "on":
-            row["max_abs_diff"] = max(float(np.abs(images[(n, "on")] - images[(n, "off")]).max())
-                                      for n in ("teacher", "students"))
-        rows.append(row)
+        t_cpu, s_cpu = (med(cpu[(n, mode)]) for n in ("teacher", "students"))
+        rows.append({
+            "batch": batch, "mode": mode, "teacher_s": t, "students_s": s, "speedup": t / s,
+            "efficiency": t / s / macs_speedup, "efficiency_min": t_min / s_min / macs_speedup,
+            "efficiency_cpu": t_cpu / s_cpu / macs_speedup,
+            "gain_cpu": med(cpu[("students", "off")]) / s_cpu,
+            "max_abs_diff": max(float(np.abs(images[(n, mode)] - images[(n, "off")]).max())
+                                for n in ("teacher", "students")),
+            "load1": os.getloadavg()[0],
+        })
     return rows
+
+
+def profile_batch(pipes: dict, run, batch: int, args, conv_per_image: dict) -> list[dict]:
+    """One profiled run and one hooked run (uncompiled modes) of every pipeline at this batch size."""
+    from sampling_profile import hook_overheads, profile_run
+
+    rows = []
+    for (name, mode), pipe in pipes.items():
+        r = {"batch": batch, "network": name, "mode": mode, **profile_run(pipe, run, batch, args.steps, args.seed)}
+        r["conv_gmacs_s"] = conv_per_image[name] * batch * args.steps / max(r["conv"], 1e-9) / 1e9
+        if not MODES[mode].get("compile"):
+            r.update(hook_overheads(pipe, pipe.unet if hasattr(pipe, "unet") else pipe.students, run, batch,
+                                    args.steps, args.seed))
+        rows.append(r)
+    return rows
+
+
+def conv_macs_per_image(pipes: dict, args, cost: dict) -> dict:
+    """Convolution MACs of one UNet call per image (x2 with guidance: the UNet batch is 2B)."""
+    from sampling_profile import conv_macs
+
+    out = {}
+    for name in ("teacher", "students"):
+        unet = pipes[(name, "off")].unet if args.pipeline == "t2i" else pipes[(name, "off")].students
+        if not hasattr(unet, "student"):
+            nets = [unet]
+        else:  # the teacher's MultiStudentUNet has one student; the students' run visits cost["owners"]
+            nets = [unet.student(k if name == "students" else 0) for k in cost["owners"]]
+        kw = {}
+        if args.pipeline == "t2i":
+            import torch
+            kw["encoder_hidden_states"] = torch.zeros(1, 77, nets[0].config.cross_attention_dim)
+        c = nets[0].config
+        macs = statistics.fmean(conv_macs(n, (1, c.in_channels, c.sample_size, c.sample_size), **kw) for n in nets)
+        out[name] = macs * (2 if args.pipeline == "t2i" else 1)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -183,39 +174,77 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    modes = modes_of(args.modes)
     print(f"torch threads: {torch.get_num_threads()} (--threads {args.threads}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} cores)  torch "
-          f"{torch.__version__}; load average {os.getloadavg()[0]:.1f}")
-    pipes, cost, segments, widths = build(args)
+          f"{torch.__version__}; load average {load()}")
+    build = build_t2i if args.pipeline == "t2i" else build_unconditional
+    pipes, cost, run = build(args, modes)
     macs_speedup = 1.0 / cost["macs_ratio"]  # teacher MACs / student MACs per step
-    print(f"teacher: google/ddpm-cifar10-32 shape, {cost['teacher_params'] / 1e6:.1f} M params, "
-          f"{cost['teacher_macs'] / 1e9:.3f} GMACs/image; students (N={len(widths)}, boundaries "
-          f"{list(segments.boundaries)}): widths {widths}, channels {cost['student_configs']}, "
-          f"{[round(m / 1e9, 3) for m in cost['student_macs']]} GMACs/image")
-    print(f"DDIM timesteps {cost['timesteps']} -> students {cost['owners']}; MACs speedup {macs_speedup:.2f}x; "
-          f"options on: {options(args.options) or 'none'}")
+    print(f"teacher: {cost['shape']}, {cost['teacher_params'] / 1e6:.1f} M params, "
+          f"{cost['teacher_macs'] / 1e9:.3f} GMACs/image; students (N={args.n}): channels "
+          f"{cost['student_configs']}, {[round(m / 1e9, 3) for m in cost['student_macs']]} GMACs/image")
+    print(f"timesteps {cost['timesteps']} -> students {cost['owners']}; MACs speedup {macs_speedup:.2f}x; "
+          f"modes {modes}")
+    conv_per_image = conv_macs_per_image(pipes, args, cost) if args.profile else {}
 
-    rows, all_times = [], {}
+    rows, prof_rows, all_times = [], [], {}
     for batch in batches:
-        times, images = time_batch(pipes, batch, args)
-        all_times[batch] = {f"{n}/{m}": v for (n, m), v in times.items()}
-        rows += summarize(times, images, batch, macs_speedup)
-    table = pd.DataFrame(rows).set_index(["batch", "options"])
-    with pd.option_context("display.width", 160, "display.max_columns", 20,
+        torch._dynamo.reset()  # at most 4 graphs live per batch size (teacher/students x layout)
+        times, cpu, images = time_batch(pipes, run, batch, args)
+        all_times[batch] = {f"{n}/{m}": {"wall": v, "cpu": cpu[(n, m)]} for (n, m), v in times.items()}
+        rows += summarize(times, cpu, images, batch, macs_speedup)
+        if args.profile:
+            prof_rows += profile_batch(pipes, run, batch, args, conv_per_image)
+        if args.json:  # after every batch size: a long run stopped early still leaves its figures
+            write_json(args.json, {"partial": True, "table": rows, "profile": prof_rows, "times_s": all_times})
+    table = pd.DataFrame(rows).set_index(["batch", "mode"])
+    with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3g}".format):
         print(table)
-    print(f"efficiency = speedup / MACs speedup ({macs_speedup:.2f}x); targets: >= 0.9 at batch 16, >= 0.8 at "
-          f"batch 4 ({args.steps} steps, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f} at the end)")
-    result = {"batches": batches, "steps": args.steps, "reps": args.reps, "widths": widths, "n": len(widths),
-              "options": options(args.options), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-              "torch": torch.__version__, "macs_speedup": macs_speedup, **cost, "times_s": all_times,
-              "table": table.reset_index().to_dict(orient="records")}
+    footer = (f"efficiency = speedup / MACs speedup ({macs_speedup:.2f}x); targets: >= 0.9 at batch 16, >= 0.8 at "
+              f"batch 4 ({args.pipeline}, {args.steps} steps, {args.reps} reps, {torch.get_num_threads()} threads, "
+              f"load average {load()} at the end)")
+    print(footer)
+    result = {"pipeline": args.pipeline, "batches": batches, "steps": args.steps, "reps": args.reps,
+              "widths": str(args.width), "n": args.n, "modes": modes, "threads": torch.get_num_threads(),
+              "cores": os.cpu_count(), "torch": torch.__version__, "macs_speedup": macs_speedup, **cost,
+              "times_s": all_times, "table": table.reset_index().to_dict(orient="records"), "profile": prof_rows}
+    if args.profile:
+        write_profile(args, table, prof_rows, footer, macs_speedup)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=float))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
+
+
+def write_json(path: Path, obj: dict) -> None:
+    from o2mkd_ray.core.atomic import write_json as atomic_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_json(path, obj, default=float)
+
+
+def write_profile(args, table, prof_rows: list[dict], footer: str, macs_speedup: float) -> None:
+    """The profile as this pipeline's section of ``--profile`` (between its markers; the rest of the file, e.g.
+    a written conclusion, is kept; appended when the file has no such section yet)."""
+    from sampling_profile import markdown
+
+    from o2mkd_ray.core.atomic import write_text
+
+    cmd = "python benchmarks/bench_sampling.py " + " ".join(sys.argv[1:])
+    head = (f"### {args.pipeline}: measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+            f"    {cmd}\n\n{footer}\n\n" + table.to_markdown(floatfmt=".3g") + "\n")
+    begin, end = f"<!-- profile:{args.pipeline} -->", f"<!-- /profile:{args.pipeline} -->"
+    act_speedup = 1 / statistics.fmean(float(w) for w in str(args.width).split(","))
+    section = f"{begin}\n{markdown(prof_rows, head, macs_speedup, act_speedup)}{end}"
+    old = args.profile.read_text() if args.profile.exists() else ""
+    if begin in old and end in old:
+        text = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
+    else:
+        text = (old.rstrip() + "\n\n" if old.strip() else "") + section + "\n"
+    write_text(args.profile, text)
+    print(f"wrote {args.profile}")
 
 
 if __name__ == "__main__":

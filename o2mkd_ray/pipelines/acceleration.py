@@ -2,7 +2,13 @@
 
 Nothing here touches the weights' values or the configs: compiled modules wrap the students without replacing
 them (``state_dict`` keys and ``save_pretrained`` output stay the same), and ``save_pretrained`` writes
-channels_last weights in the default layout (diffusers packs each tensor contiguously before safetensors). Options off, the students run exactly as diffusers runs a UNet (bit-identical images).
+channels_last weights in the default layout (diffusers packs each tensor contiguously before safetensors).
+Options off, the students run exactly as diffusers runs a UNet (bit-identical images).
+
+Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` (8) graphs per compiled function, and every UNet of
+one class (all students, a teacher of that class in the same process) runs the same ``forward``: one graph per
+architecture, memory layout and batch shape counts against it, and past it Dynamo falls back to eager (with a
+warning). Raise the limit, or call ``torch._dynamo.reset()``, when sampling at many batch sizes.
 
 GPU-only options are left to the user, as with any diffusers UNet: half precision is
 ``pipe.to(torch.float16)`` (or ``torch.bfloat16``) before :meth:`MultiStudentUNet.accelerate`, and CUDA graphs
