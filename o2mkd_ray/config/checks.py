@@ -77,7 +77,7 @@ def check_kinds(teacher_kind: str, data_kind: str) -> None:
     """A text-to-image teacher (Stable Diffusion, SDXL) distils on prompts (data.kind=prompts), an unconditional
     one on images."""
     if teacher_kind in TEXT_TO_IMAGE_KINDS and data_kind != "prompts":
-        raise ConfigError(f"data.kind: a text-to-image teacher distils on captions; set data.kind=prompts (got "
+        raise ConfigError(f"data.kind: a Stable Diffusion teacher distils on captions; set data.kind=prompts (got "
                           f"{data_kind!r}) with data.path or data.name")
     if teacher_kind == "unet" and data_kind == "prompts":
         raise ConfigError("data.kind: prompts need a text-conditioned teacher; set teacher.kind=stable_diffusion "

@@ -29,7 +29,8 @@ DEFAULTS = {
                 "num_cpus": 0.5, "num_gpus": 0.0, "max_batch": 512, "max_wait_ms": 2.0, "max_concurrency": 2,
                 "max_restarts": 3, "dtype": "float32"},
     "segments": {"n": 3, "boundaries": None, "fractions": None},
-    "students": {"width": 0.5, "layers_per_block": None, "unet": None, "init": "teacher", "drop_mid_block": False},
+    "students": {"width": 0.5, "layers_per_block": None, "unet": None, "init": "teacher", "drop_mid_block": False,
+                 "transformer_layers_per_block": None},
     "kd": {"lambda_out": 1.0, "lambda_feat": 0.1, "lambda_task": 0.0, "feature_method": "fitnet",
            "feature_blocks": None},
     "data": {"kind": "digits", "name": None, "path": None, "split": "train", "image_key": "image",
@@ -261,7 +262,7 @@ def test_debug_stays_an_open_mapping():
 
 def test_known_keys_and_mapping_sub_keys():
     keys = known_keys()
-    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 87
+    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 88
     assert {"students.unet", "ray.segment_overrides", "debug", "segments.n"} <= set(keys)
     cfg = from_dict({}, ["students.unet.sample_size=8", "ray.segment_overrides.0.num_workers=2", "debug.marker=/m"])
     assert cfg.students.unet == {"sample_size": 8}

@@ -372,3 +372,16 @@ def test_restore_with_no_usable_checkpoint_starts_over(ckpts):
         assert restore_checkpoint(fresh, c4) == 0  # a plain folder works as well as a Ray Checkpoint
     assert "no usable checkpoint" in str(caught[-1].message), [str(w.message) for w in caught]
     assert fresh.step == 0
+
+
+def test_run_folders_saved_before_a_new_key_keep_resuming():
+    """A config saved before ``students.transformer_layers_per_block`` existed hashes as the same run when the key
+    is unset (so its folder resumes), and as another run once it is set."""
+    from o2mkd_ray.config.loading import from_dict
+    from o2mkd_ray.distill.run_folder import run_hash
+
+    now = from_dict({}).to_dict()
+    old = {**now, "students": {k: v for k, v in now["students"].items() if k != "transformer_layers_per_block"}}
+    assert run_hash(old) == run_hash(now)
+    now["students"]["transformer_layers_per_block"] = [1, 1]
+    assert run_hash(old) != run_hash(now)
