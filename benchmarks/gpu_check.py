@@ -63,7 +63,7 @@ def make_teacher(folder: Path) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     import torch
-    from bench_sampling import CIFAR10_DDPM_SCHEDULER, CIFAR10_DDPM_UNET
+    from sampling_builds import CIFAR10_DDPM_SCHEDULER, CIFAR10_DDPM_UNET
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)

@@ -123,7 +123,8 @@ def test_local_engine_and_ray_worker_report_the_same_metrics(tiny_overrides, tmp
 
     assert [m["step"] for m in local["history"]] == [m["step"] for m in ray_run["history"]] == [2, 4]
     assert reports == [(2, 2), (4, 4)]
-    timing = {"time", "samples_per_s", "teacher_latency_ms"}  # wall-clock figures: present in both, not equal
+    # wall-clock figures: present in both, not equal
+    timing = {"time", "samples_per_s", "teacher_latency_ms", "teacher_wait_share"}
     for a, b in zip(local["history"], ray_run["history"]):
         assert set(a) == set(b) and timing <= set(a)
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
