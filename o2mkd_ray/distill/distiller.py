@@ -13,11 +13,12 @@ from torch import nn
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_dir, write_json
-from o2mkd_ray.core.conditioning import cond_batch, cond_kwargs, cond_where, from_items
+from o2mkd_ray.core.conditioning import cond_batch, cond_kwargs, cond_where
 from o2mkd_ray.core.features import FeatureHooks, hookable_blocks, probe_feature_channels
 from o2mkd_ray.core.kd import KDLoss
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.targets import task_target
+from o2mkd_ray.core.teacher import batch_cond
 from o2mkd_ray.data.images import random_flip
 from o2mkd_ray.distill.checkpoints import MANIFEST, TRAIN_STATE, config_hash, hash_files, verify_checkpoint
 from o2mkd_ray.distill.ema import EMA
@@ -188,7 +189,7 @@ def fixed_val_batches(distiller: SegmentDistiller, dataset, teacher: TeacherCall
         idx = torch.randint(0, len(dataset), (batch_size,), generator=g)
         items = [dataset[int(i)] for i in idx]
         x_0 = torch.stack([it[0] for it in items])
-        cond = from_items([torch.stack([it[j] for it in items]) for j in range(1, len(items[0]))])
+        cond = batch_cond(items)
         t = distiller.segments.sample_t(distiller.k, batch_size, generator=g)
         eps = torch.randn(x_0.shape, generator=g)
         x_t = distiller.scheduler.add_noise(x_0, eps, t)

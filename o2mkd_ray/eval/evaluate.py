@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
+from o2mkd_ray.distill.run_folder import is_text_to_image
 from o2mkd_ray.errors import ConfigError
 from o2mkd_ray.eval.fid import REFERENCE_IMAGES
 from o2mkd_ray.eval.text_to_image import evaluate_sd_run
@@ -68,8 +68,6 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
     Raises:
         ConfigError: OUT missing or not a run folder, or bad ``num_images``/``steps``.
     """
-    from o2mkd_ray.core.teacher import teacher_kind
-
     out = _check_run_folder(out)
     cfg = _run_config(out)
     n = num_images if num_images is not None else cfg.eval.num_images
@@ -78,7 +76,7 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"eval {key}: must be an integer >= 1, got {v!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if teacher_kind(cfg.teacher) in TEXT_TO_IMAGE_KINDS:
+    if is_text_to_image(cfg):
         return evaluate_sd_run(out, cfg, n, steps, latency_repeats=latency_repeats, device=dev)
     opt = Options(num_images=n, steps=steps, agreement_samples=agreement_samples, num_buckets=num_buckets,
                   num_reference=num_reference, latency_repeats=latency_repeats)
