@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -21,6 +22,34 @@ def fresh(scheduler: SchedulerMixin) -> SchedulerMixin:
     that the pipelines' ``__init__`` normalised are listed in ``_use_default_values`` and from_config would
     quietly restore the class defaults (e.g. DDIM's ``clip_sample=True``)."""
     return copy.deepcopy(scheduler)
+
+
+def load_teacher_parts(pipeline_cls, path: str | Path, components: tuple[str, ...], family: str, **kwargs):
+    """A teacher's diffusers pipeline folder loaded without its UNet (the students replace it), for
+    ``from_teacher`` of the text-to-image O2MKD pipelines.
+
+    Args:
+        pipeline_cls: the teacher's diffusers pipeline class (``StableDiffusionPipeline``, ...).
+        components: the sub-folders the folder must hold.
+        family: the model family's name in messages (``Stable Diffusion``, ``Stable Diffusion XL``).
+        kwargs: passed to ``from_pretrained`` (e.g. no safety checker, no watermarker).
+    Raises:
+        ConfigError: a missing component or ``model_index.json``, or a folder diffusers cannot load (one line).
+    """
+    from o2mkd_ray.errors import ConfigError
+
+    p = Path(path).expanduser()
+    missing = [c + "/" for c in components if not (p / c).is_dir()]
+    if not (p / "model_index.json").is_file():
+        missing.append("model_index.json")
+    if missing:
+        raise ConfigError(f"teacher: {str(p)!r} is not a {family} folder (missing {', '.join(missing)}); save one "
+                          f"with {pipeline_cls.__name__}.save_pretrained")
+    try:
+        return pipeline_cls.from_pretrained(p, unet=None, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"teacher: could not load the {family} folder {str(p)!r}: {first}") from None
 
 
 class SegmentSteps:

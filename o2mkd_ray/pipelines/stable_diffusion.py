@@ -24,11 +24,10 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from o2mkd_ray.errors import ConfigError
 from o2mkd_ray.pipelines.acceleration import AcceleratesStudents
 from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 from o2mkd_ray.pipelines.saved import ImportsRecordedModules
-from o2mkd_ray.pipelines.segment_steps import SegmentSteps, fresh
+from o2mkd_ray.pipelines.segment_steps import SegmentSteps, fresh, load_teacher_parts
 
 
 class O2MKDStableDiffusionPipeline(
@@ -124,24 +123,9 @@ class O2MKDStableDiffusionPipeline(
     @staticmethod
     def _load_teacher(path: str | Path) -> StableDiffusionPipeline:
         """A Stable Diffusion folder without its UNet (students replace it) and without safety checker."""
-        p = Path(path).expanduser()
-        missing = [c for c in ("vae", "text_encoder", "tokenizer", "scheduler") if not (p / c).is_dir()]
-        if missing or not (p / "model_index.json").is_file():
-            what = ", ".join([m + "/" for m in missing] + ([] if (p / "model_index.json").is_file()
-                                                           else ["model_index.json"]))
-            raise ConfigError(
-                f"teacher: {str(p)!r} is not a Stable Diffusion folder (missing {what}); save one with "
-                "StableDiffusionPipeline.save_pretrained"
-            )
-        try:
-            return StableDiffusionPipeline.from_pretrained(
-                p, unet=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-            )
-        except (OSError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"teacher: could not load the Stable Diffusion folder {str(p)!r}: {first}"
-            ) from None
+        return load_teacher_parts(StableDiffusionPipeline, path, ("vae", "text_encoder", "tokenizer", "scheduler"),
+                                  "Stable Diffusion", safety_checker=None, feature_extractor=None,
+                                  requires_safety_checker=False)
 
 
     @torch.no_grad()

@@ -26,11 +26,10 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from o2mkd_ray.errors import ConfigError
 from o2mkd_ray.pipelines.acceleration import AcceleratesStudents
 from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 from o2mkd_ray.pipelines.saved import ImportsRecordedModules
-from o2mkd_ray.pipelines.segment_steps import SegmentSteps, fresh
+from o2mkd_ray.pipelines.segment_steps import SegmentSteps, fresh, load_teacher_parts
 
 SDXL_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -140,22 +139,8 @@ class O2MKDStableDiffusionXLPipeline(
     @staticmethod
     def _load_teacher(path: str | Path) -> StableDiffusionXLPipeline:
         """An SDXL folder without its UNet (students replace it) and without a watermarker."""
-        p = Path(path).expanduser()
-        missing = [c + "/" for c in SDXL_COMPONENTS if not (p / c).is_dir()]
-        if not (p / "model_index.json").is_file():
-            missing.append("model_index.json")
-        if missing:
-            raise ConfigError(
-                f"teacher: {str(p)!r} is not a Stable Diffusion XL folder (missing {', '.join(missing)}); save "
-                "one with StableDiffusionXLPipeline.save_pretrained"
-            )
-        try:
-            return StableDiffusionXLPipeline.from_pretrained(p, unet=None, add_watermarker=False)
-        except (OSError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"teacher: could not load the Stable Diffusion XL folder {str(p)!r}: {first}"
-            ) from None
+        return load_teacher_parts(StableDiffusionXLPipeline, path, SDXL_COMPONENTS, "Stable Diffusion XL",
+                                  add_watermarker=False)
 
     @torch.no_grad()
     def __call__(self, *args, steps_per_segment: list[int] | None = None, **kwargs):
