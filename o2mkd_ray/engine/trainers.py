@@ -148,6 +148,10 @@ def fit_segment(cfg: Config, k: int, loop_config: dict, storage: str, out: Path,
 class ProgressRelay:
     """The workers' live metrics to the driver: a Ray queue they put into, drained here into listeners.
 
+    The queue is telemetry only (each report is also in the segment's checkpoints and rank ledgers), so losing it
+    never fails a run: an unreachable queue is retried at the next drain, a dead one is dropped with one warning and
+    the run goes on without live curves.
+
     Args:
         listeners: called as ``listener(segment, metrics)``; one that raises is logged, never fatal to training.
     """
@@ -160,14 +164,27 @@ class ProgressRelay:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.listeners = listeners
+        self.lost: str | None = None  # why the queue was dropped, once it was
 
     def drain(self, timeout: float) -> None:
         """Hands every queued report to the listeners, waiting up to ``timeout`` seconds for the first."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.util.queue import Empty
 
+        if self.lost is not None:
+            time.sleep(timeout)
+            return
         try:
             items = [self.queue.get(timeout=timeout)] + self.queue.get_nowait_batch(max(0, self.queue.qsize()))
         except Empty:
+            return
+        except ActorUnavailableError as e:  # a transient RPC failure: the actor may answer next time
+            log.warning("progress queue unreachable (%s); retrying", e)
+            time.sleep(timeout)
+            return
+        except RayActorError as e:  # the queue's actor died: training goes on, live metrics stop
+            self.lost = str(e)
+            log.warning("progress queue lost (%s); live metrics stop, the checkpoints and ledgers keep them", e)
             return
         for m in items:
             for f in self.listeners:
