@@ -20,5 +20,15 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 CONSTRAINTS=${O2MKD_CONSTRAINTS-constraints.txt}
+# what the install depends on: when none of it changed since the last successful setup, pip is not run again
+# (a no-op `pip install -e` re-resolves every dependency: about 25 s here, paid by every `make demo` / `make test`)
+STAMP=.venv/.o2mkd-setup
+KEY=$(cat pyproject.toml ${CONSTRAINTS:+"$CONSTRAINTS"} | sha256sum | cut -d' ' -f1)"|${O2MKD_EXTRAS:-test}|$CONSTRAINTS"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && .venv/bin/python -c "import o2mkd_ray" >/dev/null 2>&1; then
+  echo "setup: .venv is up to date with pyproject.toml and ${CONSTRAINTS:-no constraints} (rm $STAMP to reinstall)"
+  exit 0
+fi
+rm -f "$STAMP"
 $PIP install -q -e ".[${O2MKD_EXTRAS:-test}]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
 .venv/bin/python -c "import o2mkd_ray, torch, ray, diffusers; print('o2mkd-ray', o2mkd_ray.__version__, '| torch', torch.__version__, '| ray', ray.__version__, '| diffusers', diffusers.__version__)"
+echo "$KEY" > "$STAMP"

@@ -52,7 +52,7 @@ def test_unconditional_workflow_without_extras(no_extras, tiny_teacher_dir, tmp_
     assert (out / "eval" / "report.json").is_file()
     _ok(run_cli("analyze", TINY, *sets, "--n", "2", "--images", "8", "--timesteps", "10", "--out", str(tmp_path / "analysis"), env=no_extras))
     space = tmp_path / "space.yaml"
-    space.write_text("students.width: {per_segment_choice: [0.25, 0.5]}\n"
+    space.write_text("segments.n: {choice: [1]}\nstudents.width: {per_segment_choice: [0.25, 0.5]}\n"
                      "budget: {train.steps: 4, train.checkpoint_every: 2}\n"
                      "search: {algorithm: random, scheduler: none, num_samples: 1}\n")
     _ok(run_cli("tune", TINY, str(space), *sets, "--out", str(tmp_path / "tune"), env=no_extras, timeout=900))

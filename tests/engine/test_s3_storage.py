@@ -224,7 +224,7 @@ def test_checkpoints_go_to_s3_and_a_sigkilled_driver_resumes_from_them(moto_s3, 
     from o2mkd_ray.config.loading import load_config
     from o2mkd_ray.engine.storage import run_storage
 
-    s3, steps, every = moto_s3["s3"], 60, 10
+    s3, steps, every, n = moto_s3["s3"], 60, 10, 2  # two segments: what one proves per segment, the other repeats
     ray_tmp = tempfile.mkdtemp(prefix="o2r-s3-")  # short: Ray's socket paths; holds the cluster's address file
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # Cluster writes its address file under RAY_TMPDIR/ray, not /tmp/ray
     os.makedirs(os.path.join(ray_tmp, "ray"))
@@ -235,7 +235,7 @@ def test_checkpoints_go_to_s3_and_a_sigkilled_driver_resumes_from_them(moto_s3, 
         "dashboard_port": _free_port()})
     out = tmp_path / "run"
     storage = f"s3://{BUCKET}/runs"
-    sets = [*tiny_overrides, f"train.steps={steps}", f"train.checkpoint_every={every}",
+    sets = [*tiny_overrides, f"segments.n={n}", f"train.steps={steps}", f"train.checkpoint_every={every}",
             f"ray.storage_path={storage}"]
     args = ["distill", str(TINY), "--out", str(out), "--no-eval", *[a for o in sets for a in ("--set", o)]]
     env = {**os.environ, **moto_s3["env"], "RAY_ADDRESS": cluster.address}
@@ -243,14 +243,14 @@ def test_checkpoints_go_to_s3_and_a_sigkilled_driver_resumes_from_them(moto_s3, 
     driver = rerun = None
     try:
         driver = _driver(args, env, tmp_path / "killed.log")
-        while not all(_recorded(s3, prefix, k) for k in range(3)):  # every segment has a recorded checkpoint
+        while not all(_recorded(s3, prefix, k) for k in range(n)):  # every segment has a recorded checkpoint
             assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.2)
-        at_kill = {k: _recorded(s3, prefix, k) for k in range(3)}
+        at_kill = {k: _recorded(s3, prefix, k) for k in range(n)}
         os.kill(driver.pid, signal.SIGKILL)
         assert driver.wait() == -signal.SIGKILL
-        done = {k: _summary(out, k) for k in range(3) if _summary(out, k) is not None}  # finished before the kill
-        assert len(done) < 3, "every segment finished before the kill: the test's run is too short"
+        done = {k: _summary(out, k) for k in range(n) if _summary(out, k) is not None}  # finished before the kill
+        assert len(done) < n, "every segment finished before the kill: the test's run is too short"
         assert not (out / "ray").exists()  # nothing of Ray Train's went to the local folder
         rerun = _driver(args, env, tmp_path / "rerun.log")
         assert rerun.wait() == 0, (tmp_path / "rerun.log").read_text()[-3000:]
@@ -265,8 +265,8 @@ def test_checkpoints_go_to_s3_and_a_sigkilled_driver_resumes_from_them(moto_s3, 
     rep = json.loads((out / "report.json").read_text())
     hist = json.loads((out / "history.json").read_text())
     segs = {s["index"]: s for s in rep["segments"]}
-    in_bucket = {k: _checkpoint_steps(s3, prefix, k) for k in range(3)}
-    for k in range(3):
+    in_bucket = {k: _checkpoint_steps(s3, prefix, k) for k in range(n)}
+    for k in range(n):
         resumed = segs[k]["resumed_from"]
         assert segs[k]["steps"] == steps
         assert [m["step"] for m in hist[str(k)]] == list(range(resumed + every, steps + 1, every))
@@ -286,4 +286,4 @@ def test_checkpoints_go_to_s3_and_a_sigkilled_driver_resumes_from_them(moto_s3, 
                output_type="np").images
     assert img.shape == (1, 8, 8, 1) and np.isfinite(img).all()
     print(f"S3 resume: finished before the kill {sorted(done)}; recorded at the kill {at_kill}; resumed from "
-          f"{ {k: segs[k]['resumed_from'] for k in range(3)} }; checkpoint steps in the bucket {in_bucket}")
+          f"{ {k: segs[k]['resumed_from'] for k in range(n)} }; checkpoint steps in the bucket {in_bucket}")
