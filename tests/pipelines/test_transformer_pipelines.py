@@ -15,6 +15,7 @@ from diffusers import (
 )
 
 from o2mkd_ray import MultiStudentTransformer, O2MKDDiTPipeline, O2MKDStableDiffusion3Pipeline
+from o2mkd_ray.core.transformer_students import build_transformer_student
 from o2mkd_ray.errors import ConfigError
 
 UNEVEN = [0, 300, 600, 1000]  # DiT, 4 steps: DDIM 750/500/250/0 and DPM 800/600/400/200 visit all three
@@ -70,6 +71,12 @@ def perturbed(model, seed, scale=0.05):
     return other
 
 
+def smaller_students(teacher):
+    """Three students of three shapes: half width, half depth, and a perturbed full-size copy."""
+    return [build_transformer_student(teacher, width=0.5), build_transformer_student(teacher, depth=0.5),
+            perturbed(teacher, 2)]
+
+
 def record_timesteps(students: MultiStudentTransformer) -> list[list[float]]:
     """Per student, the timesteps it was called with (one entry per call, its first element)."""
     calls = [[] for _ in range(students.num_students)]
@@ -121,12 +128,14 @@ def test_dit_each_step_runs_on_its_owner(dit):
 
 
 def test_dit_save_and_load_round_trip(dit, tmp_path):
-    students = MultiStudentTransformer([perturbed(dit.transformer, k) for k in range(3)], boundaries=UNEVEN)
+    students = MultiStudentTransformer(smaller_students(dit.transformer), boundaries=UNEVEN)
     pipe = quiet(O2MKDDiTPipeline.from_teacher(dit, students))
     pipe.save_pretrained(tmp_path / "o2mkd-dit")
     loaded = quiet(O2MKDDiTPipeline.from_pretrained(tmp_path / "o2mkd-dit"))
     assert isinstance(loaded.transformer, MultiStudentTransformer)
     assert loaded.transformer.config.boundaries == UNEVEN and loaded.labels == dit.labels
+    assert [s.config.num_attention_heads for s in loaded.transformer.students] == [2, 4, 4]
+    assert [s.config.num_layers for s in loaded.transformer.students] == [4, 2, 4]
     assert torch.equal(dit_images(loaded), dit_images(pipe))
 
 
@@ -168,7 +177,7 @@ def test_sd3_three_copies_at_uneven_boundaries_route_float_timesteps(sd3, tiny_s
 
 
 def test_sd3_different_students_are_used_and_round_trip(sd3, tmp_path):
-    students = MultiStudentTransformer([perturbed(sd3.transformer, k) for k in range(3)], boundaries=UNEVEN_SD3)
+    students = MultiStudentTransformer(smaller_students(sd3.transformer), boundaries=UNEVEN_SD3)
     pipe = quiet(O2MKDStableDiffusion3Pipeline.from_teacher(sd3, students))
     images = sd3_images(pipe)
     assert not torch.equal(images, sd3_images(sd3))
@@ -176,6 +185,7 @@ def test_sd3_different_students_are_used_and_round_trip(sd3, tmp_path):
     loaded = quiet(O2MKDStableDiffusion3Pipeline.from_pretrained(tmp_path / "o2mkd-sd3"))
     assert isinstance(loaded.transformer, MultiStudentTransformer) and loaded.text_encoder_3 is None
     assert loaded.transformer.config.boundaries == UNEVEN_SD3
+    assert [s.config.caption_projection_dim for s in loaded.transformer.students] == [16, 32, 32]
     assert torch.equal(sd3_images(loaded), images)
 
 
