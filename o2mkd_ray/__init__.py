@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "Segments": "o2mkd_ray.core.segments",
     "MultiStudentUNet": "o2mkd_ray.pipelines.multi_unet",
+    "MultiStudentTransformer": "o2mkd_ray.pipelines.multi_transformer",
+    "O2MKDDiTPipeline": "o2mkd_ray.pipelines.dit",
+    "O2MKDStableDiffusion3Pipeline": "o2mkd_ray.pipelines.stable_diffusion_3",
     "O2MKDPipeline": "o2mkd_ray.pipelines.unconditional",
     "O2MKDStableDiffusionPipeline": "o2mkd_ray.pipelines.stable_diffusion",
     "O2MKDStableDiffusionXLPipeline": "o2mkd_ray.pipelines.stable_diffusion_xl",
@@ -25,8 +28,11 @@ _LAZY = {
     "clip_score": "o2mkd_ray.eval.clip",
 }
 __all__ = [
+    "MultiStudentTransformer",
     "MultiStudentUNet",
+    "O2MKDDiTPipeline",
     "O2MKDPipeline",
+    "O2MKDStableDiffusion3Pipeline",
     "O2MKDStableDiffusionPipeline",
     "O2MKDStableDiffusionXLPipeline",
     "Segments",

@@ -100,6 +100,27 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory) -> Path:
+    """A tiny random class-conditional DiT folder (transformer/ vae/ scheduler/, id2label), built offline."""
+    from o2mkd_ray.core.fixtures import make_tiny_dit
+
+    d = tmp_path_factory.mktemp("dit") / "tiny_dit"
+    make_tiny_dit(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion 3 folder without T5 (transformer/ vae/ text_encoder(_2)/ tokenizer(_2)/
+    scheduler/), built offline."""
+    from o2mkd_ray.core.fixtures import make_tiny_sd3
+
+    d = tmp_path_factory.mktemp("sd3") / "tiny_sd3"
+    make_tiny_sd3(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     p.write_text("\n".join(PROMPTS) + "\n")

@@ -1,7 +1,8 @@
 """The one definition of cost, used by distill (``report.json``), eval and tune.
 
-* per forward: parameters and MACs of one UNet call at batch 1 (:func:`forward_cost`, via
-  ``torch.utils.flop_counter``);
+* per forward: parameters and MACs of one denoiser call at batch 1 (:func:`forward_cost`, via
+  ``torch.utils.flop_counter``), for UNets and for the transformer denoisers (DiT, SD3's MMDiT) alike, each called
+  with its own forward signature and zero stand-ins for its conditioning (:func:`transformer_stand_in`);
 * per sampling run: the MACs of every UNet call the sampler makes, each timestep on the student that owns it
   (:func:`sampling_cost`), on the timesteps of the run's scheduler and step count (:func:`sampler_timesteps`),
   with classifier-free guidance as 2 passes per call (:func:`guidance_passes`). The cost of an O2MKD run is
@@ -53,7 +54,9 @@ def count_macs(
     """Multiply-accumulates of one forward ``model(x_t, t)``, counted with ``torch.utils.flop_counter``.
 
     Counts matmuls, convolutions and attention (MACs = FLOPs / 2); elementwise ops and norms are not counted.
-    Works on a model on the ``meta`` device too (no compute, shapes only). A conditional model
+    Works on a model on the ``meta`` device too (no compute, shapes only). A transformer denoiser (DiT, SD3) is
+    called as ``model(x, timestep=t, ...)`` with zero stand-ins for the conditioning it is not given
+    (:func:`transformer_stand_in`; ``seq_len`` text tokens for SD3). A conditional model
     (``UNet2DConditionModel``, or a config with ``cross_attention_dim``) called without ``encoder_hidden_states``
     gets zeros of shape ``(B, seq_len, cross_attention_dim)`` (``encoder_hid_dim`` when set) as the text, and an
     SDXL UNet (``addition_embed_type="text_time"``) called without ``added_cond_kwargs`` gets zeros as its pooled
@@ -61,7 +64,8 @@ def count_macs(
     (B, 6) (:func:`text_time_stand_in`).
 
     Args:
-        model: a ``UNet2DModel`` / ``UNet2DConditionModel`` or any module called as ``model(x, t)``.
+        model: a ``UNet2DModel`` / ``UNet2DConditionModel``, a ``DiTTransformer2DModel`` /
+            ``SD3Transformer2DModel``, or any module called as ``model(x, t)``.
         sample_shape: input shape; default ``(1, in_channels, sample_size, sample_size)`` from ``model.config``.
         timestep: the timestep passed as a ``(B,)`` long tensor.
         seq_len: text length of the stand-in ``encoder_hidden_states`` of a conditional model (77: SD's CLIP
@@ -84,26 +88,59 @@ def count_macs(
     device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
     x_t = torch.zeros(tuple(sample_shape), device=device, dtype=dtype)  # (B, C, H, W)
     t = torch.full((x_t.shape[0],), int(timestep), device=device, dtype=torch.long)
+    stand_in = transformer_stand_in(cfg, x_t.shape[0], seq_len, device, dtype)
+    if stand_in is not None:  # keyword timestep: SD3's forward takes encoder_hidden_states second
+        args, kwargs = (x_t,), {"timestep": t, **stand_in, **forward_kwargs}
+    else:
+        args, kwargs = (x_t, t), {**_unet_stand_in(model, cfg, x_t, seq_len, forward_kwargs), **forward_kwargs}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+        model(*args, **kwargs)
+    return counter.get_total_flops() // 2
+
+
+def _unet_stand_in(model: nn.Module, cfg, x_t: torch.Tensor, seq_len: int, given: Mapping) -> dict:
+    """Zero text (and SDXL added conditioning) for a conditional UNet not given them; {} otherwise."""
     conditional = isinstance(model, UNet2DConditionModel) or (
         isinstance(cfg, Mapping) and "cross_attention_dim" in cfg
     )
-    if conditional and "encoder_hidden_states" not in forward_kwargs:
+    if not conditional:
+        return {}
+    out = {}
+    if "encoder_hidden_states" not in given:
         dim = cfg.get("encoder_hid_dim") or cfg.get("cross_attention_dim")
         if not isinstance(dim, int):
             raise ValueError(
                 f"count_macs: cannot infer the text width from cross_attention_dim={dim!r}; "
                 "pass encoder_hidden_states=(B, L, D)"
             )
-        forward_kwargs["encoder_hidden_states"] = torch.zeros(
-            x_t.shape[0], int(seq_len), dim, device=device, dtype=dtype
+        out["encoder_hidden_states"] = torch.zeros(
+            x_t.shape[0], int(seq_len), dim, device=x_t.device, dtype=x_t.dtype
         )  # (B, L, D)
-    if conditional and "added_cond_kwargs" not in forward_kwargs:
-        added = text_time_stand_in(cfg, x_t.shape[0], device, dtype)
+    if "added_cond_kwargs" not in given:
+        added = text_time_stand_in(cfg, x_t.shape[0], x_t.device, x_t.dtype)
         if added is not None:
-            forward_kwargs["added_cond_kwargs"] = added
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
-        model(x_t, t, **forward_kwargs)
-    return counter.get_total_flops() // 2
+            out["added_cond_kwargs"] = added
+    return out
+
+
+def transformer_stand_in(cfg, batch: int, seq_len: int = 77, device=None, dtype=None) -> dict | None:
+    """Zero conditioning for a transformer denoiser's forward (None for a UNet or any other module).
+
+    A DiT (``num_embeds_ada_norm`` and ``patch_size`` in its config) gets ``class_labels`` (B,) of class 0; an SD3
+    MMDiT (``joint_attention_dim``) gets ``encoder_hidden_states`` (B, seq_len, joint_attention_dim) and
+    ``pooled_projections`` (B, pooled_projection_dim). Configs of a multi-student model that records these keys
+    count the same way.
+    """
+    if not isinstance(cfg, Mapping) or "patch_size" not in cfg:
+        return None
+    if cfg.get("joint_attention_dim") is not None:
+        return {"encoder_hidden_states": torch.zeros(batch, int(seq_len), int(cfg["joint_attention_dim"]),
+                                                     device=device, dtype=dtype),
+                "pooled_projections": torch.zeros(batch, int(cfg["pooled_projection_dim"]), device=device,
+                                                  dtype=dtype)}
+    if cfg.get("num_embeds_ada_norm") is not None:
+        return {"class_labels": torch.zeros(batch, device=device, dtype=torch.long)}
+    return None
 
 
 def text_time_stand_in(cfg: Mapping, batch: int, device=None, dtype=None) -> dict | None:
@@ -124,9 +161,9 @@ def forward_cost(model: nn.Module, shape: Sequence[int], seq_len: int = 77, **fo
     """Parameters and MACs of one forward at batch 1.
 
     Args:
-        model: a UNet (or any module called as ``model(x, t)``).
-        shape: the input ``(C, H, W)`` (latents for Stable Diffusion).
-        seq_len: text tokens a text-conditioned UNet sees (ignored by unconditional ones).
+        model: a UNet, a DiT / SD3 transformer, or any module called as ``model(x, t)``.
+        shape: the input ``(C, H, W)`` (latents for Stable Diffusion, DiT and SD3).
+        seq_len: text tokens a text-conditioned UNet or SD3 transformer sees (ignored by unconditional ones).
         **forward_kwargs: example inputs for the forward at batch 1 (``encoder_hidden_states``; for SDXL UNets
             ``added_cond_kwargs={"text_embeds": (1, D), "time_ids": (1, 6)}``); missing text inputs of a
             conditional UNet get zero stand-ins (:func:`count_macs`).

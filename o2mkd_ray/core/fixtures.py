@@ -1,7 +1,8 @@
 """Tiny random model folders built locally (no hub): the offline demos' and the tests' teachers.
 
 ``python -m o2mkd_ray.core.fixtures FOLDER`` writes a tiny Stable Diffusion folder (``pipelines/sd_tiny.yaml``);
-``python -m o2mkd_ray.core.fixtures --sdxl FOLDER`` a tiny Stable Diffusion XL one.
+``python -m o2mkd_ray.core.fixtures --sdxl FOLDER`` a tiny Stable Diffusion XL one, ``--dit FOLDER`` a tiny
+class-conditional DiT and ``--sd3 FOLDER`` a tiny Stable Diffusion 3 (MMDiT, flow matching) one.
 """
 
 from __future__ import annotations
@@ -162,15 +163,118 @@ def make_tiny_sdxl(folder: str | Path, seed: int = 0, sample_size: int = 8, bloc
     return pipe
 
 
-_USAGE = ("usage: python -m o2mkd_ray.core.fixtures [--sdxl] FOLDER   (writes a tiny random Stable Diffusion, or "
-          "with --sdxl Stable Diffusion XL, folder)")
+def _tiny_vae(latent_channels: int, sample_size: int, **kwargs):
+    """A two-stage KL VAE: images ``2 * sample_size`` pixels, latents ``(latent_channels, sample_size, ...)``."""
+    from diffusers import AutoencoderKL
 
-if __name__ == "__main__":  # python -m o2mkd_ray.core.fixtures [--sdxl] FOLDER: tiny offline SD / SDXL folders
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=[8, 16],
+        norm_num_groups=4, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=2 * sample_size, **kwargs,
+    ).eval()
+
+
+def make_tiny_dit(folder: str | Path, seed: int = 0, sample_size: int = 8, num_layers: int = 4, heads: int = 4,
+                  head_dim: int = 8, num_classes: int = 1000):
+    """Writes a tiny random class-conditional DiT folder and returns the ``DiTPipeline``.
+
+    DiT's layout (facebook/DiT-XL-2-256) at toy size: a ``DiTTransformer2DModel`` with learned sigma (its output has
+    ``2 * in_channels`` channels: eps and the variance interpolation), patch size 2, ``num_embeds_ada_norm`` classes
+    (``DiTPipeline`` uses label ``num_classes`` as the null class of classifier-free guidance, hence 1000 by
+    default), a KL VAE with 4 latent channels, DiT's DDIM scheduler (linear betas, 1000 steps) and a few
+    ``id2label`` names.
+
+    Args:
+        folder: where to write it.
+        seed: the weights' seed.
+        sample_size: latent size (images are ``2 * sample_size`` pixels).
+        num_layers, heads, head_dim: the transformer's depth, heads and head width (width = heads * head_dim).
+        num_classes: class labels the transformer embeds (plus one null class).
+    Returns:
+        The pipeline written.
+    """
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=num_layers,
+        sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes,
+    ).eval()
+    # facebook/DiT-XL-2-256's scheduler_config.json
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
+                              clip_sample=False)
+    id2label = {0: "tench, Tinca tinca", 1: "goldfish", 2: "white shark"}
+    pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(4, sample_size), scheduler=scheduler,
+                       id2label=id2label)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # DiTPipeline does not save id2label; facebook/DiT-XL-2-256 keeps it in model_index.json, where from_pretrained
+    # finds it (an __init__ argument)
+    f = Path(folder) / "model_index.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "id2label": {str(k): v for k, v in id2label.items()}},
+                            indent=2))
+    return pipe
+
+
+def make_tiny_sd3(folder: str | Path, seed: int = 0, sample_size: int = 8, num_layers: int = 3, heads: int = 4,
+                  head_dim: int = 8, text_dim: int = 16, max_length: int = 77, shift: float = 3.0):
+    """Writes a tiny random Stable Diffusion 3 folder (without T5) and returns the ``StableDiffusion3Pipeline``.
+
+    SD3's layout at toy size: an ``SD3Transformer2DModel`` (MMDiT: joint text/image attention, the last block
+    ``context_pre_only``; patch size 2; 16 latent channels, velocity prediction), a KL VAE with 16 latent channels
+    and SD3's ``shift_factor``, ``FlowMatchEulerDiscreteScheduler`` with SD3's ``shift=3.0`` (timesteps are
+    ``1000 * sigma`` floats after the shift), and two ``CLIPTextModelWithProjection`` encoders with byte-level
+    tokenizers built locally. No T5: ``text_encoder_3`` / ``tokenizer_3`` are None and the pipeline uses zeros of
+    width ``joint_attention_dim`` in its place; the two CLIP encoders' penultimate states (``2 * text_dim``) are
+    zero-padded to ``joint_attention_dim`` and their pooled projections concatenated (``pooled_projection_dim``).
+
+    Args:
+        folder: where to write it.
+        seed: the weights' seed.
+        sample_size: latent size (images are ``2 * sample_size`` pixels).
+        num_layers, heads, head_dim: the transformer's depth, heads and head width.
+        text_dim: each CLIP encoder's width and projection dim.
+        max_length: the tokenizers' length.
+        shift: the flow-matching scheduler's timestep shift.
+    Returns:
+        The pipeline written.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * text_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * text_dim, pos_embed_max_size=sample_size,
+    ).eval()
+    tokenizers = [CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=max_length) for _ in range(2)]
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(tokenizers[0]), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=max_length, projection_dim=text_dim,
+        bos_token_id=tokenizers[0].bos_token_id, eos_token_id=tokenizers[0].eos_token_id,
+        pad_token_id=tokenizers[0].pad_token_id,
+    )
+    encoders = [CLIPTextModelWithProjection(text_cfg).eval() for _ in range(2)]
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=_tiny_vae(16, sample_size, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+_MAKERS = {"--sdxl": make_tiny_sdxl, "--dit": make_tiny_dit, "--sd3": make_tiny_sd3}
+_USAGE = ("usage: python -m o2mkd_ray.core.fixtures [--sdxl | --dit | --sd3] FOLDER   (writes a tiny random Stable "
+          "Diffusion folder, or with a flag a Stable Diffusion XL / class-conditional DiT / Stable Diffusion 3 one)")
+
+if __name__ == "__main__":  # python -m o2mkd_ray.core.fixtures [--sdxl|--dit|--sd3] FOLDER: tiny offline folders
     import sys
 
     args = sys.argv[1:]
-    sdxl = args[:1] == ["--sdxl"]
-    if len(args) != 1 + sdxl:
+    flag = args[0] if len(args) == 2 and args[0] in _MAKERS else None
+    if len(args) != 1 + (flag is not None):
         sys.exit(_USAGE)
-    (make_tiny_sdxl if sdxl else make_tiny_sd)(args[-1])
+    _MAKERS.get(flag, make_tiny_sd)(args[-1])
     print(args[-1])

@@ -1,6 +1,11 @@
 """Timestep segments: N contiguous pieces ``[b_k, b_{k+1})`` of ``[0, T)``, one per student.
 
 Segment 0 is the low-noise end (small t); segment N-1 holds ``t = T-1``, where sampling starts.
+
+Time may be continuous: flow-matching schedulers give the denoiser ``t = T * sigma`` as floats (900.22, and
+``t = T`` itself at sigma = 1). One definition covers both: float t belongs to the segment with
+``b_k <= t < b_{k+1}`` exactly (the boundaries are integers, so flooring t first changes no comparison), a value
+on a boundary to the segment starting there, and ``t >= T`` to the last segment.
 """
 
 from __future__ import annotations
@@ -123,11 +128,13 @@ class Segments:
         return self._b[k], self._b[k + 1]
 
     def owner(self, t):
-        """Index of the segment (student) that owns timestep t.
+        """Index of the segment (student) that owns timestep t: k with ``b_k <= t < b_{k+1}``, exact for floats.
 
         Args:
-            t: a Python/numpy number (floats are floored) or a tensor of timesteps, any shape.
-               Values are clamped into ``[0, T-1]``.
+            t: a Python/numpy number or a tensor of timesteps, any shape and dtype. Floats are floored first, which
+               is exact against integer boundaries (``t >= b`` iff ``floor(t) >= b``): 900.22 goes where 900 goes,
+               a value on a boundary to the segment starting there. Values are clamped into ``[0, T-1]`` (``t = T``,
+               the first step of a flow-matching run, goes to the last segment).
         Returns:
             int for a number; LongTensor of t's shape (on t's device) for a tensor.
         """

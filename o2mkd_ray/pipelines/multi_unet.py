@@ -14,11 +14,6 @@ its added time ids), and ``added_cond_kwargs`` (``text_embeds`` (B, D), ``time_i
 
 from __future__ import annotations
 
-import copy
-import importlib
-import json
-
-import diffusers
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
@@ -27,45 +22,19 @@ from torch import nn
 
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.pipelines.acceleration import Acceleration, accelerate_students, to_layout
+from o2mkd_ray.pipelines.routing import (
+    build_students,
+    check_shared,
+    class_name,
+    json_config,
+    json_value,
+    route,
+    take_rows,
+)
 
 # config keys every student must agree on (the pipeline feeds all of them the same latents/conditioning)
 _SHARED_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "cross_attention_dim",
                 "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
-
-
-def _json_value(value):
-    """Tuples as lists (what a JSON round trip gives back), other values as is."""
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _json_config(model: nn.Module) -> dict:
-    """A student's diffusers config as JSON-safe data, private ``_`` keys (class name, version) removed."""
-    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    return json.loads(json.dumps(cfg, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
-def _class_name(model: nn.Module) -> str:
-    """``UNet2DModel`` for diffusers classes, else ``module.Class`` so that it can be re-imported."""
-    cls = type(model)
-    if getattr(diffusers, cls.__name__, None) is cls:
-        return cls.__name__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _resolve_class(name: str) -> type:
-    if "." in name:
-        module, _, attr = name.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
-    return getattr(diffusers, name)
-
-
-def _take(value, idx: torch.Tensor, batch: int):
-    """Rows ``idx`` of a per-sample tensor (leading dim == batch), recursing into dicts; else as is."""
-    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-        return value.index_select(0, idx)
-    if isinstance(value, dict):
-        return {k: _take(v, idx, batch) for k, v in value.items()}
-    return value
 
 
 class MultiStudentUNet(ModelMixin, ConfigMixin):
@@ -105,47 +74,29 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         segments = Segments(boundaries)
-        if students is None:
-            if student_configs is None:
-                raise ValueError("MultiStudentUNet: pass `students` (a list of models) or `student_configs`")
-            classes = student_classes or ["UNet2DModel"] * len(student_configs)
-            students = [_resolve_class(c).from_config(cfg) for c, cfg in zip(classes, student_configs)]
-        students = list(students)
-        if len(students) != segments.n:
-            raise ValueError(
-                f"MultiStudentUNet: got {len(students)} students for {segments.n} segments "
-                f"(boundaries {list(segments.boundaries)}); give one student per segment"
-            )
-        seen: set[int] = set()
-        for k, s in enumerate(students):
-            # the same module passed twice would share tensors, which safetensors refuses to save
-            if id(s) in seen:
-                students[k] = copy.deepcopy(s)
-            seen.add(id(s))
+        students = build_students(students, student_configs, student_classes, segments, "MultiStudentUNet",
+                                  "UNet2DModel")
         lo, hi = (float(v) for v in value_range)
         if not lo < hi:
             raise ValueError(
                 f"MultiStudentUNet: value_range must be (lo, hi) with lo < hi, got {value_range}"
             )
         first = students[0].config
-        for key in _SHARED_KEYS:
-            values = [json.dumps(s.config.get(key)) for s in students]
-            if len(set(values)) > 1:
-                raise ValueError(f"MultiStudentUNet: students disagree on {key} ({values}); they must match")
+        check_shared(students, _SHARED_KEYS, "MultiStudentUNet")
 
         self.students = nn.ModuleList(students)
         sample_size = first.get("sample_size")
         self.register_to_config(
             boundaries=list(segments.boundaries),
-            student_configs=[_json_config(s) for s in students],
-            student_classes=[_class_name(s) for s in students],
+            student_configs=[json_config(s) for s in students],
+            student_classes=[class_name(s) for s in students],
             value_range=[lo, hi],
             sample_size=list(sample_size) if isinstance(sample_size, (list, tuple)) else sample_size,
             in_channels=first.get("in_channels"),
             out_channels=first.get("out_channels"),
             # UNet2DModel students have neither key: None, which is what StableDiffusionPipeline expects
             time_cond_proj_dim=first.get("time_cond_proj_dim"),
-            cross_attention_dim=_json_value(first.get("cross_attention_dim")),
+            cross_attention_dim=json_value(first.get("cross_attention_dim")),
             # SDXL's added conditioning (None for SD 1.x/2.x and UNet2DModel students)
             addition_embed_type=first.get("addition_embed_type"),
             addition_time_embed_dim=first.get("addition_time_embed_dim"),
@@ -240,37 +191,15 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         B = sample.shape[0]
         run = self._runners if self._runners is not None else self.students
         sample = to_layout(sample, self._accel)
-        if not torch.is_tensor(timestep):  # a plain number (what most schedulers' loops give): no tensor work
-            k = self._segments.owner(timestep)
-        elif timestep.numel() == 1:
-            t = timestep
-            k = self._segments.owner(t.reshape(()).item())
-        else:
-            t = timestep
-            if t.ndim != 1 or t.shape[0] != B:
-                raise ValueError(f"timestep: expected a scalar or shape ({B},), got shape {tuple(t.shape)}")
-            owners = self._segments.owner(t.to(sample.device))  # (B,)
-            ks = owners.unique().tolist()
-            k = ks[0] if len(ks) == 1 else None
-        if k is not None:  # one owner: pass the timestep through untouched (bit-exact with a plain UNet)
-            eps = run[k](sample, timestep, *args, return_dict=False, **kwargs)[0]
-        else:
-            t = t.to(sample.device)
-            eps = None
-            for k in ks:
-                idx = (owners == k).nonzero(as_tuple=True)[0]  # (B_k,)
-                sub_args = [_take(a, idx, B) for a in args]
-                sub_kwargs = {name: _take(v, idx, B) for name, v in kwargs.items()}
-                y = run[k](
-                    sample.index_select(0, idx),
-                    t.index_select(0, idx),
-                    *sub_args,
-                    return_dict=False,
-                    **sub_kwargs,
-                )[0]  # (B_k, C_out, H, W)
-                if eps is None:
-                    eps = y.new_empty((B, *y.shape[1:]))
-                eps[idx] = y
+
+        def call(k: int, idx, t):
+            if idx is None:
+                return run[k](sample, t, *args, return_dict=False, **kwargs)[0]
+            sub_args = [take_rows(a, idx, B) for a in args]
+            sub_kwargs = {name: take_rows(v, idx, B) for name, v in kwargs.items()}
+            return run[k](sample.index_select(0, idx), t, *sub_args, return_dict=False, **sub_kwargs)[0]
+
+        eps = route(self._segments, B, sample.device, timestep, call)  # (B, C_out, H, W)
         if not return_dict:
             return (eps,)
         return UNet2DOutput(sample=eps)

@@ -24,14 +24,16 @@ def fresh(scheduler: SchedulerMixin) -> SchedulerMixin:
     return copy.deepcopy(scheduler)
 
 
-def load_teacher_parts(pipeline_cls, path: str | Path, components: tuple[str, ...], family: str, **kwargs):
-    """A teacher's diffusers pipeline folder loaded without its UNet (the students replace it), for
-    ``from_teacher`` of the text-to-image O2MKD pipelines.
+def load_teacher_parts(pipeline_cls, path: str | Path, components: tuple[str, ...], family: str,
+                       denoiser: str = "unet", **kwargs):
+    """A teacher's diffusers pipeline folder loaded without its denoiser (the students replace it), for
+    ``from_teacher`` of the O2MKD pipelines.
 
     Args:
         pipeline_cls: the teacher's diffusers pipeline class (``StableDiffusionPipeline``, ...).
         components: the sub-folders the folder must hold.
         family: the model family's name in messages (``Stable Diffusion``, ``Stable Diffusion XL``).
+        denoiser: the component the students replace, not loaded (``unet``; ``transformer`` for DiT and SD3).
         kwargs: passed to ``from_pretrained`` (e.g. no safety checker, no watermarker).
     Raises:
         ConfigError: a missing component or ``model_index.json``, or a folder diffusers cannot load (one line).
@@ -46,19 +48,26 @@ def load_teacher_parts(pipeline_cls, path: str | Path, components: tuple[str, ..
         raise ConfigError(f"teacher: {str(p)!r} is not a {family} folder (missing {', '.join(missing)}); save one "
                           f"with {pipeline_cls.__name__}.save_pretrained")
     try:
-        return pipeline_cls.from_pretrained(p, unet=None, **kwargs)
+        return pipeline_cls.from_pretrained(p, **{denoiser: None}, **kwargs)
     except (OSError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"teacher: could not load the {family} folder {str(p)!r}: {first}") from None
 
 
 class SegmentSteps:
-    """Mixin for pipelines whose ``unet`` is a :class:`MultiStudentUNet` and that have a ``scheduler``."""
+    """Mixin for pipelines whose ``students_component`` (``unet``; ``transformer`` in the DiT and SD3 pipelines) is a
+    multi-student model with ``config.boundaries`` and that have a ``scheduler``."""
+
+    students_component = "unet"
+
+    @property
+    def _boundaries(self) -> list:
+        return getattr(self, self.students_component).config.boundaries
 
     def _segment_timesteps(self, steps_per_segment) -> list[int]:
         """The custom timesteps giving segment k ``steps_per_segment[k]`` steps; ValueError when the scheduler
         cannot take custom timesteps."""
-        timesteps = segment_timesteps(self.unet.config.boundaries, steps_per_segment)
+        timesteps = segment_timesteps(self._boundaries, steps_per_segment)
         sched = type(self.scheduler)
         if not accepts(self.scheduler.set_timesteps, "timesteps"):
             raise ValueError(
@@ -71,7 +80,7 @@ class SegmentSteps:
     def _check_timestep_range(self) -> None:
         """ValueError unless the students' boundaries end at the scheduler's ``num_train_timesteps``."""
         T = self.scheduler.config.get("num_train_timesteps")
-        end = self.unet.config.boundaries[-1]
+        end = self._boundaries[-1]
         if T is not None and int(T) != int(end):
             raise ValueError(
                 f"{type(self).__name__}: the students' boundaries end at {end} but the scheduler "

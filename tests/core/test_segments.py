@@ -46,6 +46,43 @@ def test_owner_floors_floats_and_clamps():
         seg.owner("300")
 
 
+def reference_owner(bounds, t: float) -> int:
+    """The definition: the k with b_k <= t < b_k+1 (t >= T: the last segment, t < 0: the first)."""
+    return max([0] + [k for k in range(len(bounds) - 1) if bounds[k] <= t])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_owner_is_exact_for_continuous_timesteps(dtype):
+    bounds = [0, 137, 300, 901, 1000]
+    seg = Segments(bounds)
+    g = torch.Generator().manual_seed(0)
+    edges = [v + d for b in bounds for v in (float(b),) for d in (0.0, 1e-3, -1e-3)]
+    t = torch.cat([torch.rand(500, generator=g, dtype=torch.float64) * 1000,
+                   torch.tensor([900.22, 900.999, 901.0, 999.9999, 1000.0, 0.0, *edges])]).to(dtype)
+    values = t.double().tolist()  # the values as the model would receive them in this dtype
+    want = [reference_owner(bounds, v) for v in values]
+    assert seg.owner(t).tolist() == want  # tensor path
+    assert [seg.owner(v) for v in values] == want  # scalar path
+    assert seg.owner(900.22) == 2 and seg.owner(901.0) == 3 and seg.owner(1000.0) == 3
+    just_below = torch.nextafter(torch.tensor(300.0, dtype=torch.float32), torch.tensor(0.0))
+    assert seg.owner(just_below).item() == 1 and seg.owner(float(just_below)) == 1
+
+
+def test_owner_of_flow_matching_timesteps_is_the_segment_holding_them():
+    """FlowMatchEuler's shifted float timesteps (what an SD3 transformer receives) route by the same definition."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(13)
+    bounds = [0, 503, 971, 1000]  # just above 502.985 and 970.681: rounding instead of flooring would cross them
+    seg = Segments(bounds)
+    ts = sched.timesteps  # float32, from 1000.0 down, non-integer in between
+    assert any(float(v) != int(float(v)) for v in ts)
+    assert seg.owner(ts).tolist() == [reference_owner(bounds, float(v)) for v in ts]
+    assert seg.owner(ts[0]).item() == 2  # t = T at sigma = 1
+    assert seg.owner(ts).tolist().count(1) == 8  # 970.68 .. 602.15
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sample_t_stays_in_segment(seed):
     seg = Segments([0, 1, 300, 700, 1000])  # includes a one-step segment
