@@ -78,6 +78,8 @@ def summarize(report: dict, wall_s: float, batch: int) -> dict:
         "segment_samples_per_s": sps, "segment_train_s": train_s, "wall_s": wall_s,
         "teacher_requests": teacher.get("requests"), "teacher_mean_batch": teacher.get("mean_batch"),
         "teacher_busy_s": teacher.get("busy_s"), "phases": report.get("phases", {}),
+        # fit() to the training loop's start, the slowest segment's: the worker groups start side by side
+        "worker_startup_s": max((report.get("worker_startup_s") or {}).values(), default=None),
         "final_loss": [s.get("final_loss") for s in segs],
     }
 
@@ -154,12 +156,16 @@ def compare_engines(cfg, engines: list[str], out: Path, args) -> dict:
     res = {e: {"wall_s": [r["wall_s"] for r in rs], "median_wall_s": _median([r["wall_s"] for r in rs]),
                "median_train_samples_per_s": _median([r["train_samples_per_s"] for r in rs]),
                "segment_samples_per_s": [r["segment_samples_per_s"] for r in rs],
-               "median_phases": {k: _median([r["phases"][k] for r in rs]) for k in (rs[0]["phases"] or {})}}
+               "median_phases": {k: _median([r["phases"][k] for r in rs]) for k in (rs[0]["phases"] or {})},
+               "median_worker_startup_s": _median([r["worker_startup_s"] for r in rs])
+               if all(r.get("worker_startup_s") is not None for r in rs) else None}
            for e, rs in runs.items()}
     for e, r in res.items():
         phases = "  ".join(f"{k} {v:.1f}" for k, v in r["median_phases"].items())
+        startup = r["median_worker_startup_s"]
         print(f"{e:5s}: median end-to-end wall {r['median_wall_s']:.1f} s over {args.reps} rep(s)"
-              + (f"; phases (s): {phases}" if phases else ""))
+              + (f"; phases (s): {phases}" if phases else "")
+              + (f"; worker groups' start-up inside train_s (slowest segment) {startup:.1f}" if startup else ""))
     if {"local", "ray"} <= set(res):
         ratio = res["ray"]["median_wall_s"] / res["local"]["median_wall_s"]
         res["ratio_ray_over_local_wall"] = ratio

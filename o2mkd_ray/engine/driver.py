@@ -237,9 +237,19 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
             _shutdown(service, started_ray)
     report = finish_run(cfg, out, teacher, scheduler, segments, shape, stats, t_start,
                         extra={"engine": "ray", "ray_address": address, "phases": timer.phases,
+                               "worker_startup_s": worker_startup(summaries),
                                "bottleneck": teacher_load(stats, summaries)})
     _tell_bottleneck(report, tracker, progress)
     return report
+
+
+def worker_startup(summaries: dict[int, dict]) -> dict[str, float]:
+    """Per segment trained in this run, the seconds from its ``TorchTrainer.fit()`` call to the start of its
+    training loop: Ray Train's controller, the worker group's processes and their imports, the process group and
+    the loop's data and model set-up. It is the Ray engine's main fixed cost (inside the ``train_s`` phase). The
+    two ends are read on two clocks (the driver's, rank 0's node's): on a cluster, clock skew adds to it."""
+    return {f"seg-{k:02d}": round(s["loop_started_at"] - s["fit_started_at"], 3) for k, s in sorted(summaries.items())
+            if s.get("loop_started_at") and s.get("fit_started_at")}
 
 
 def training_window(summaries: dict[int, dict]) -> float | None:

@@ -5,6 +5,7 @@ requests is in test_concurrency.py; killed workers, teacher and driver are in te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -93,6 +94,10 @@ def test_three_segments_train_concurrently_against_shared_teacher(ray_run):
             assert key in s, key
         assert s["steps"] == 60 and s["params"] > 0 and s["macs"] > 0
     assert {"requests", "mean_batch", "busy_s", "mode", "replicas"} <= set(rep["teacher"]) and rep["wall_s"] > 0
+    # the fixed cost of each segment's worker group, from fit() to its loop's first step: inside the training phase
+    startup = rep["worker_startup_s"]
+    assert sorted(startup) == ["seg-00", "seg-01", "seg-02"], startup
+    assert all(0 < v < rep["phases"]["train_s"] for v in startup.values()), (startup, rep["phases"])
 
 
 def test_run_is_tracked_on_a_real_mlflow_server(ray_run, mlflow_url):
@@ -169,10 +174,8 @@ def test_progress_queue_killed_from_outside_the_segments_still_finish(ray_local)
         queue = config["progress"][0]
         queue.put({"segment": k, "step": 1})
         killed.wait(60)
-        try:
+        with contextlib.suppress(Exception):  # a worker's put is best-effort too (engine/train_loop.py)
             queue.put_nowait({"segment": k, "step": 2})
-        except Exception:  # noqa: BLE001 - a worker's put is best-effort too (engine/train_loop.py)
-            pass
         return {"index": k}
 
     def killer():
