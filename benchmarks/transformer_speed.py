@@ -13,10 +13,12 @@ cost definition, the one UNets are counted with), the MACs ratio to the teacher,
 rounds, each running every model once in a rotated order (no model always first); medians, with the min-max
 spread. speedup = teacher median / student median; efficiency = speedup / (1 / MACs ratio), the share of the
 MACs cut that becomes wall time (1: all of it). ``efficiency (fastest)`` uses the fastest reps (load on a shared
-machine only ever adds time); CPU times are in the JSON.
+machine only ever adds time); CPU times are in the JSON. ``--op-split B``: after the costs, a few profiled DiT
+forwards per model at batch B, their ops' own CPU time grouped into matmul, attention, convolution and other ops
+(what the MACs count and what they do not).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transformer_speed.py --threads 1 --reps 7 \\
-        --out docs/transformers.md --json /tmp/transformer_speed.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transformer_speed.py --threads 1 --reps 7 --sd3 --op-split 8 \\
+        --out docs/transformers.md --json benchmarks/results/transformer_speed.json
     .venv/bin/python benchmarks/transformer_speed.py --sample-size 8 --batches 1 --reps 1   # smoke
 """
 
@@ -140,6 +142,47 @@ def time_forwards(models: dict, batch: int, reps: int, seq_len: int = 77, log=pr
     return times
 
 
+OP_GROUPS = {"matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
+             "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                           "aten::_scaled_dot_product_attention_math"),
+             "convolution": ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution")}
+
+
+def op_split(models: dict, batch: int, seq_len: int = 77, reps: int = 3) -> dict:
+    """``{label: {group: ms}}``: ``reps`` profiled forwards per model (after a warm-up, models interleaved), the
+    median per group of its ops' own (self) CPU time
+    grouped into matmul (linear layers), attention (the SDPA kernel), convolution (patch embedding) and other ops
+    (norms, GELU, adds, adaLN modulation, copies and reshapes: their cost follows the activations, N x d)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = {label: make_inputs(m, batch, seq_len) for label, m in models.items()}
+    samples: dict = {label: [] for label in models}
+    with torch.inference_mode():
+        for label, model in models.items():
+            model(**inputs[label])
+        for _ in range(reps):
+            for label, model in models.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    model(**inputs[label])
+                groups = dict.fromkeys([*OP_GROUPS, "other ops"], 0.0)
+                for ev in prof.key_averages():
+                    name = next((g for g, keys in OP_GROUPS.items() if ev.key in keys), "other ops")
+                    groups[name] += ev.self_cpu_time_total / 1e3
+                samples[label].append(groups)
+    return {label: {g: statistics.median(s[g] for s in runs) for g in runs[0]} for label, runs in samples.items()}
+
+
+def op_split_markdown(split: dict, costs: dict, batch: int) -> str:
+    """The op split as a table, with the MACs each model does per ms of matmul + attention time."""
+    head = ("| variant | " + " | ".join(f"{g} ms" for g in next(iter(split.values())))
+            + " | GMACs / s in matmul + attention |\n" + "|---" * (len(next(iter(split.values()))) + 2) + "|\n")
+    lines = [f"| {label} | " + " | ".join(f"{v:.1f}" for v in g.values())
+             + f" | {costs[label]['macs'] * batch / 1e6 / max(g['matmul'] + g['attention'], 1e-9):.1f} |"
+             for label, g in split.items()]
+    return head + "\n".join(lines) + "\n"
+
+
 def summarize(costs: dict, times: dict, batch: int, model_name: str) -> list[dict]:
     """One row per model at one batch size: medians, spread, speedup and efficiency."""
     med = statistics.median
@@ -169,11 +212,15 @@ def markdown(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def shares_markdown(cfg: dict) -> str:
+def shares_markdown(cfg: dict, teacher_macs: int) -> str:
+    """Where the teacher's MACs go: its blocks' share of the whole forward and, inside one block, the
+    :func:`block_shares` (to one decimal: adaLN is small)."""
     s = block_shares(cfg)
-    total = sum(s.values())
-    return ("One DiT block, per image (architecture count, " + f"{(cfg['sample_size'] // 2) ** 2} tokens): "
-            + ", ".join(f"{k} {v / total:.0%}" for k, v in s.items()) + ".\n")
+    block = sum(s.values())
+    tokens = (int(cfg["sample_size"]) // int(cfg["patch_size"])) ** 2
+    return (f"DiT teacher ({tokens} tokens): its {cfg['num_layers']} blocks hold "
+            f"{cfg['num_layers'] * block / teacher_macs:.1%} of its MACs per image; inside one block "
+            "(architecture count): " + ", ".join(f"{k} {v / block:.1%}" for k, v in s.items()) + ".\n")
 
 
 def load() -> str:
@@ -209,6 +256,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write the table as a section of this markdown file")
     p.add_argument("--json", type=Path, default=None, help="write rows and raw times here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--op-split", type=int, default=0, metavar="BATCH",
+                   help="also profile one DiT forward per model at this batch size (ops grouped)")
     return p.parse_args(argv)
 
 
@@ -224,10 +273,16 @@ def main(argv=None) -> dict:
     env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"{env}; load average {load()}", flush=True)
-    rows, raw, t0 = [], {}, time.perf_counter()
+    rows, raw, split_md, t0 = [], {}, "", time.perf_counter()
     for name, kind, cfg in teachers:
         models = build_models(kind, cfg, args.seed)
         costs = cost_rows(models, args.seq_len)
+        if args.op_split and kind == "dit":
+            split = op_split(models, args.op_split, args.seq_len)
+            raw[f"{name}/op split, batch {args.op_split}"] = split
+            split_md = (f"\n{name} at batch {args.op_split}, own CPU time of its ops (median of 3 profiled forwards "
+                        "per model):"
+                        f"\n\n{op_split_markdown(split, costs, args.op_split)}")
         for batch in batches:
             times = time_forwards(models, batch, args.reps, args.seq_len)
             raw[f"{name}/batch {batch}"] = times
@@ -236,7 +291,7 @@ def main(argv=None) -> dict:
     cmd = "python benchmarks/transformer_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     body = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({env}; load average at the end "
             f"{load()}; {args.reps} reps, {time.perf_counter() - t0:.0f} s):\n\n    {cmd}\n\n{table}\n"
-            + shares_markdown(dit_s_config(args.sample_size)))
+            + shares_markdown(teachers[0][2], rows[0]["macs"]) + split_md)
     print(body)
     result = {"command": cmd, "env": env, "reps": args.reps, "batches": batches, "rows": rows, "times_s": raw}
     if args.out:
