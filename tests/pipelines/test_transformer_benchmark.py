@@ -86,3 +86,15 @@ def test_every_model_runs_once_per_round():
     assert {k: len(v["wall"]) for k, v in times.items()} == {k: 2 for k in models}
     names = list(models)
     assert calls == names + names + names[1:] + names[:1]  # warm-up, round 1, round 2 rotated by one
+
+
+def test_op_split_finds_the_ops_the_macs_count():
+    """The op split recognises this torch's matmul and attention kernels (were the SDPA kernel renamed, attention
+    would silently fall into "other ops" and the reading of the table would be wrong)."""
+    models = ts.build_models("dit", {**CFG, "num_layers": 1, "sample_size": 4})
+    split = ts.op_split(models, batch=1, reps=1)
+    assert list(split) == list(models)
+    for label, groups in split.items():
+        assert list(groups) == ["matmul", "attention", "convolution", "other ops"], label
+        assert groups["matmul"] > 0 and groups["attention"] > 0 and groups["convolution"] > 0, (label, groups)
+    assert "| half width |" in ts.op_split_markdown(split, ts.cost_rows(models), batch=1)
