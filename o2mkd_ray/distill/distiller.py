@@ -30,6 +30,11 @@ TeacherCallable = Callable[..., tuple[torch.Tensor, dict | None]]
 class SegmentDistiller:
     """Student k, its EMA, KD loss (with adapters) and optimizer; one ``train_step`` per batch.
 
+    A learned-sigma teacher (DiT: its output is the noise prediction, then as many channels of variance
+    interpolation) is distilled on its whole output: the pipeline's sampler reads the first half, and a scheduler
+    with learned variance (or any code that splits the output as ``DiTPipeline`` does) the second, so a student
+    trained on both is a drop-in replacement for the teacher's transformer. The task loss compares the first half.
+
     Args:
         cfg: the resolved config.
         k: segment index.
