@@ -20,7 +20,9 @@ from o2mkd_ray.core.segments import Segments
 log = logging.getLogger(__name__)
 
 
-NEW_KEYS = (("students", "transformer_layers_per_block"), ("students", "depth"))
+# keys added after runs were saved, with their defaults: (section, key, default)
+NEW_KEYS = (("students", "transformer_layers_per_block", None), ("students", "depth", None),
+            ("data", "synth_samples", 64))
 
 
 def run_hash(d: dict) -> str:
@@ -28,9 +30,10 @@ def run_hash(d: dict) -> str:
     keep = {k: v for k, v in d.items() if k not in ("ray", "mlflow", "eval", "debug", "sampling")}
     if isinstance(keep.get("train"), dict):  # how often live metrics are sent changes nothing trained
         keep["train"] = {k: v for k, v in keep["train"].items() if k != "log_every"}
-    # keys added after runs were saved count only when set, so those runs' folders keep resuming
-    for section, key in NEW_KEYS:
-        if isinstance(keep.get(section), dict) and keep[section].get(key) is None:
+    # keys added after runs were saved count only when set to another value than their default, so those runs'
+    # folders keep resuming
+    for section, key, default in NEW_KEYS:
+        if isinstance(keep.get(section), dict) and keep[section].get(key, default) == default:
             keep[section] = {k: v for k, v in keep[section].items() if k != key}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 

@@ -184,8 +184,9 @@ def test_types_are_strict(override, line):
     ({}, ["students.depth=[0.5,0.5]"], "students.depth: got 2 values for 3 segments"),
     ({}, ["teacher.kind=unet", "data.kind=classes"],
      "data.kind: classes need a class-conditional teacher; set teacher.pretrained to a DiT folder (teacher.kind=dit)"),
-    ({}, ["teacher.kind=dit"], "data.kind: a DiT teacher distils on class-labelled latents; set data.kind=classes "
-     "(got 'digits'), with data.path a folder of one subfolder per class, or none to let the teacher sample them"),
+    ({}, ["teacher.kind=dit"], ("data.kind: a DiT teacher distils on class-labelled latents; set data.kind=classes "
+                                "(got 'digits'), with data.path a folder of one subfolder per class, or none to let "
+                                "the teacher sample them")),
     ({}, ["debug.kill_workr={step: 3}"], "unknown config key 'debug.kill_workr'; did you mean 'debug.kill_worker'?"),
     ({"train": [1]}, [], "train: expected a mapping, got [1]"),
     ([1, 2], [], "config: expected a mapping, got [1, 2]"),
