@@ -132,6 +132,21 @@ def test_local_dit_pipeline_samples_through_the_cli_with_class_labels(dit_local,
     assert png.stat().st_size > 0 and r.stdout.strip().endswith("cli.png")
 
 
+def test_local_dit_pipeline_as_an_mlflow_pyfunc_model_takes_a_class_label(dit_local):
+    """The wrapper MLflow serves a run's pipeline with, loaded from the folder as MLflow hands it over."""
+    from types import SimpleNamespace
+
+    from o2mkd_ray.tracking.pyfunc import PipelineModel
+
+    _, out, _ = dit_local
+    model = PipelineModel()
+    model.load_context(SimpleNamespace(artifacts={"pipeline": str(out / "pipeline")}))
+    a, b = (model.predict(None, {"class_label": [k], "num_images": [2], "steps": [2], "seed": [0]}) for k in (3, 7))
+    assert a.shape == (2, 16, 16, 3) and a.dtype == np.float32 and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="give a 'class_label'"):
+        model.predict(None, {"num_images": [1], "steps": [2]})
+
+
 # --------------------------------------------------------------------------------------------------- Ray engine
 @pytest.mark.ray
 def test_ray_dit_teacher_actor_serves_both_segments_with_class_labels(ray_local, tiny_dit_dir, tmp_path):
