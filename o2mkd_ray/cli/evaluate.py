@@ -24,6 +24,6 @@ def add_eval_parser(subparsers):
 def run_eval_cli(args) -> int:
     """Runs :func:`evaluate_run` for parsed ``eval`` arguments; prints headline metrics and files as JSON."""
     report = evaluate_run(args.out, num_images=args.num_images, steps=args.steps)
-    print(json.dumps({"out": report["run"], "fid_backend": report["fid_backend"],
+    print(json.dumps({"out": report["run"], "fid_backend": report.get("fid_backend"),
                       "metrics": report["metrics"], "files": report["files"]}, indent=2))
     return 0

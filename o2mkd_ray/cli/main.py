@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=None,
                    help="text-to-image pipelines: a prompt (repeat for several; --num-images images each)")
     s.add_argument("--negative-prompt", default=None)
-    s.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (text-to-image)")
+    s.add_argument("--class-label", type=int, action="append", default=None,
+                   help="DiT pipelines: a class id (repeat for several; --num-images images each)")
+    s.add_argument("--guidance-scale", type=float, default=7.5,
+                   help="classifier-free guidance (text-to-image, DiT)")
     _debug_flag(s)
 
     from o2mkd_ray.cli.analyze import add_analyze_parser
@@ -108,6 +111,14 @@ def _distill(args) -> int:
     return 0
 
 
+def _pipeline_class(out: Path) -> str:
+    """The saved pipeline's class name (``model_index.json``), for the line that says how to load it."""
+    try:
+        return json.loads((out / "pipeline" / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "O2MKDPipeline"
+
+
 def summary_lines(report: dict, out: Path, log_file: Path | None) -> str:
     """The end of ``distill``: what was made and where (pipeline, samples, report, MLflow run, logs)."""
     segs = report["segments"]
@@ -115,7 +126,7 @@ def summary_lines(report: dict, out: Path, log_file: Path | None) -> str:
     lines = [f"done in {report['wall_s']:.0f} s: {len(segs)} students, sampling MACs "
              f"{report['macs_ratio_per_step']:.3f}x the teacher's "
              + ", ".join(f"seg-{s['index']:02d} loss {s['final_loss']:.4f}" for s in segs if s.get("final_loss")),
-             f"  pipeline  {out / 'pipeline'}   (O2MKDPipeline.from_pretrained)",
+             f"  pipeline  {out / 'pipeline'}   ({_pipeline_class(out)}.from_pretrained)",
              f"  samples   {out / 'samples.png'}",
              f"  report    {out / 'report.json'}"]
     if ml.get("run_id"):

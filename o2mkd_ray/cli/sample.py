@@ -10,7 +10,8 @@ from pathlib import Path
 PIPELINE_COMPONENTS = {"O2MKDPipeline": ("students", "scheduler"),
                        "O2MKDStableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer"),
                        "O2MKDStableDiffusionXLPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer",
-                                                          "text_encoder_2", "tokenizer_2")}
+                                                          "text_encoder_2", "tokenizer_2"),
+                       "O2MKDDiTPipeline": ("transformer", "scheduler", "vae")}
 
 
 def check_pipeline_dir(d: Path) -> dict:
@@ -54,15 +55,16 @@ def check_pipeline_dir(d: Path) -> dict:
 
 def sample_command(args) -> int:
     """``o2mkd-ray sample``: checks every argument first, then loads the pipeline and writes the grid PNG."""
-    d, out, text = _checked_args(args)
-    pipe = _load(d, text, args.scheduler)
-    _write_grid(pipe, args, out, text)
+    d, out, kind = _checked_args(args)
+    pipe = _load(d, kind == "text", args.scheduler)
+    _write_grid(pipe, args, out, kind)
     print(str(out))
     return 0
 
 
-def _checked_args(args) -> tuple[Path, Path, bool]:
-    """The pipeline folder, the output PNG and whether the pipeline is text-to-image; ConfigError on bad input."""
+def _checked_args(args) -> tuple[Path, Path, str]:
+    """The pipeline folder, the output PNG and the pipeline's kind (``unconditional``, ``text`` or ``class``);
+    ConfigError on bad input."""
     from o2mkd_ray.config.checks import check_out_path
     from o2mkd_ray.core.schedulers import check_scheduler_name
     from o2mkd_ray.errors import ConfigError
@@ -88,7 +90,9 @@ def _checked_args(args) -> tuple[Path, Path, bool]:
         raise ConfigError(f"--output {str(out)!r}: folder {str(out.parent)!r} does not exist; create it first")
     if args.scheduler:
         check_scheduler_name(args.scheduler, "--scheduler")
-    text = json.loads((d / "model_index.json").read_text())["_class_name"] != "O2MKDPipeline"
+    cls = json.loads((d / "model_index.json").read_text())["_class_name"]
+    _check_class_labels(d, cls, getattr(args, "class_label", None))
+    text = cls not in ("O2MKDPipeline", "O2MKDDiTPipeline")
     if text:
         from o2mkd_ray.core.sd import require_text_to_image_extra
 
@@ -99,7 +103,27 @@ def _checked_args(args) -> tuple[Path, Path, bool]:
         raise ConfigError("--prompt: this pipeline is unconditional; drop --prompt")
     if args.guidance_scale < 0:
         raise ConfigError(f"--guidance-scale: must be >= 0, got {args.guidance_scale}")
-    return d, out, text
+    return d, out, "text" if text else "class" if cls == "O2MKDDiTPipeline" else "unconditional"
+
+
+def _check_class_labels(d: Path, cls: str, labels: list[int] | None) -> None:
+    """A DiT pipeline needs ``--class-label`` ids its students embed; other pipelines take none."""
+    from o2mkd_ray.errors import ConfigError
+
+    if cls != "O2MKDDiTPipeline":
+        if labels:
+            raise ConfigError("--class-label: only class-conditional (DiT) pipelines take class labels; drop it")
+        return
+    if not labels:
+        raise ConfigError("--class-label: this is a class-conditional (DiT) pipeline; give at least one "
+                          "--class-label ID")
+    try:
+        n = json.loads((d / "transformer" / "config.json").read_text()).get("num_embeds_ada_norm")
+    except (OSError, ValueError):
+        n = None
+    bad = [k for k in labels if k < 0 or (isinstance(n, int) and k >= n)]
+    if bad:
+        raise ConfigError(f"--class-label: {bad[0]} is not a class of this pipeline; give ids in 0..{n - 1}")
 
 
 def _load(d: Path, text: bool, scheduler: str | None):
@@ -131,13 +155,21 @@ def _load(d: Path, text: bool, scheduler: str | None):
     return pipe
 
 
-def _write_grid(pipe, args, out: Path, text: bool) -> None:
-    """Samples ``--num-images`` images (one row per ``--prompt`` for text-to-image) into one PNG grid."""
+def _write_grid(pipe, args, out: Path, kind: str) -> None:
+    """Samples ``--num-images`` images (one row per ``--prompt`` for text-to-image, per ``--class-label`` for
+    DiT) into one PNG grid."""
     import torch
 
     from o2mkd_ray.eval.sampling import sample_images, save_grid
 
-    if text:
+    if kind == "class":
+        pipe.set_progress_bar_config(disable=True)
+        rows = [pipe(class_labels=[c] * args.num_images, guidance_scale=args.guidance_scale,
+                     generator=torch.Generator().manual_seed(args.seed), num_inference_steps=args.steps,
+                     output_type="np").images for c in args.class_label]
+        save_grid(rows, [f"class {c}, guidance {args.guidance_scale}" for c in args.class_label], out,
+                  title=f"{type(pipe.scheduler).__name__} {args.steps} steps")
+    elif kind == "text":
         pipe.set_progress_bar_config(disable=True)
         rows = [sample_images(pipe, [p] * args.num_images, steps=args.steps, guidance_scale=args.guidance_scale,
                               seed=args.seed, negative_prompt=args.negative_prompt) for p in args.prompt]

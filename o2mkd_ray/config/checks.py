@@ -39,6 +39,13 @@ def check_widths(width: float | list[float]) -> None:
             raise ConfigError(f"students.width: multiplier must be in (0, 4], got {w}")
 
 
+def check_depths(depth: float | list[float] | None) -> None:
+    """Each depth multiplier (the share of a transformer teacher's blocks a student keeps) is in (0, 1]."""
+    for d in depth if isinstance(depth, list) else [depth]:
+        if d is not None and not 0 < d <= 1:
+            raise ConfigError(f"students.depth: the share of the teacher's blocks kept must be in (0, 1], got {d}")
+
+
 def check_layers(layers_per_block: int | list[int] | None, key: str = "students.layers_per_block") -> None:
     """Each layer count given is >= 1."""
     for v in layers_per_block if isinstance(layers_per_block, list) else [layers_per_block]:
@@ -73,15 +80,28 @@ def check_segment_keys(keys: list[str], n: int) -> None:
 TEXT_TO_IMAGE_KINDS = ("stable_diffusion", "stable_diffusion_xl")
 
 
+# class-conditional teacher kinds: they distil on class-labelled latents (data.kind=classes)
+CLASS_KINDS = ("dit",)
+# every conditional teacher kind: its training data carries a condition per sample (cached once per run)
+CONDITIONAL_KINDS = TEXT_TO_IMAGE_KINDS + CLASS_KINDS
+
+
 def check_kinds(teacher_kind: str, data_kind: str) -> None:
-    """A text-to-image teacher (Stable Diffusion, SDXL) distils on prompts (data.kind=prompts), an unconditional
-    one on images."""
+    """A text-to-image teacher (Stable Diffusion, SDXL) distils on prompts (data.kind=prompts), a class-conditional
+    one (DiT) on class-labelled latents (data.kind=classes), an unconditional one on images."""
     if teacher_kind in TEXT_TO_IMAGE_KINDS and data_kind != "prompts":
         raise ConfigError(f"data.kind: a Stable Diffusion teacher distils on captions; set data.kind=prompts (got "
                           f"{data_kind!r}) with data.path or data.name")
+    if teacher_kind in CLASS_KINDS and data_kind != "classes":
+        raise ConfigError(f"data.kind: a DiT teacher distils on class-labelled latents; set data.kind=classes (got "
+                          f"{data_kind!r}), with data.path a folder of one subfolder per class, or none to let the "
+                          "teacher sample them")
     if teacher_kind == "unet" and data_kind == "prompts":
         raise ConfigError("data.kind: prompts need a text-conditioned teacher; set teacher.kind=stable_diffusion "
                           "and teacher.pretrained to a Stable Diffusion folder or id")
+    if teacher_kind != "auto" and teacher_kind not in CLASS_KINDS and data_kind == "classes":
+        raise ConfigError("data.kind: classes need a class-conditional teacher; set teacher.pretrained to a DiT "
+                          "folder (teacher.kind=dit)")
 
 
 # test-only fault-injection switches. `debug` stays an open mapping (tests put other test-only values there); a key

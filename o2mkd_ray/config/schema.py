@@ -40,8 +40,9 @@ class TeacherConfig(Section):
     pretrained: str | None = None  # diffusers model id or local folder (UNet2DModel, or a Stable Diffusion folder)
     # unet: an unconditional UNet2DModel; stable_diffusion: a text-to-image SD folder/id (UNet2DConditionModel +
     # vae/ text_encoder/ tokenizer/ scheduler/); stable_diffusion_xl: an SDXL folder/id (recognised so that it is
-    # refused in one line: SDXL is not distilled yet); auto: read it from a local folder (hub ids need it set)
-    kind: Literal["auto", "unet", "stable_diffusion", "stable_diffusion_xl"] = "auto"
+    # refused in one line: SDXL is not distilled yet); dit: a class-conditional DiT folder/id (DiTTransformer2DModel
+    # + vae/ scheduler/, DiTPipeline); auto: read it from a local folder (hub ids need it set)
+    kind: Literal["auto", "unet", "stable_diffusion", "stable_diffusion_xl", "dit"] = "auto"
     subfolder: str | None = None  # e.g. "unet" when the folder is a whole pipeline
     factory: str | None = None  # "module:function" -> (model, scheduler)
     mode: Literal["actor", "local"] = "actor"
@@ -101,7 +102,8 @@ class StudentsConfig(Section):
     """Shape and initialisation of the students (one per segment)."""
 
     section_key: ClassVar[str] = "students"
-    width: float | list[float] = 0.5  # one multiplier, or one per segment
+    width: float | list[float] = 0.5  # one multiplier, or one per segment (DiT: the share of attention heads kept)
+    depth: float | list[float] | None = None  # DiT: the share of transformer blocks kept (None: all), or one per segment
     layers_per_block: int | list[int] | None = None
     unet: dict | None = None  # explicit UNet2DModel config (teachers that are not UNet2DModel)
     init: Literal["teacher", "scratch"] = "teacher"
@@ -114,6 +116,12 @@ class StudentsConfig(Section):
     @classmethod
     def _width_range(cls, v: float | list[float]) -> float | list[float]:
         checks.check_widths(v)
+        return v
+
+    @field_validator("depth")
+    @classmethod
+    def _depth_range(cls, v: float | list[float] | None) -> float | list[float] | None:
+        checks.check_depths(v)
         return v
 
     @field_validator("layers_per_block")
@@ -150,9 +158,11 @@ class DataConfig(Section):
     """The training data (images, or prompts for text-to-image teachers)."""
 
     section_key: ClassVar[str] = "data"
-    kind: Literal["digits", "image_folder", "torchvision", "hf", "prompts"] = "digits"
+    kind: Literal["digits", "image_folder", "torchvision", "hf", "prompts", "classes"] = "digits"
     name: str | None = None  # torchvision class (CIFAR10, MNIST, ...) or HF dataset id
-    path: str | None = None  # image folder, torchvision/HF download root, or a prompts file (.txt/.csv/.parquet/.json)
+    # image folder, torchvision/HF download root, a prompts file (.txt/.csv/.parquet/.json), or (kind=classes) a
+    # folder with one subfolder of images per class (named by class id or by a name of the teacher's id2label)
+    path: str | None = None
     split: str = "train"
     image_key: str = "image"  # HF datasets column (prompts: optional image column / file-path column)
     # prompts (Stable Diffusion teachers): captions, optional images; embeddings/latents are cached once
@@ -162,6 +172,7 @@ class DataConfig(Section):
     uncond_prob: UpToOne = 0.1  # share of training samples conditioned on the empty prompt (for guidance)
     synth_steps: PositiveInt = 20  # prompts without images: x_0 latents are sampled once by the teacher, this many steps
     synth_guidance: NonNegativeFloat = 7.5
+    synth_samples: PositiveInt = 64  # kind=classes without data.path: latents the teacher samples from random labels
     resolution: PositiveInt = 16
     channels: int = 1
     value_range: list[float] = Field(default_factory=lambda: [-1.0, 1.0])
@@ -318,6 +329,8 @@ class Config(Section):
         if info.context and info.context.get(WHOLE_RUN):
             n = self.segments.n
             checks.check_per_segment(self.students.width, self.students.layers_per_block, n)
+            if isinstance(self.students.depth, list) and len(self.students.depth) != n:
+                raise ConfigError(f"students.depth: got {len(self.students.depth)} values for {n} segments")
             checks.check_kinds(self.teacher.kind, self.data.kind)
             checks.check_segment_keys(list(self.ray.segment_overrides), n)
         return self

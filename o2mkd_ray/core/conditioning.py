@@ -1,5 +1,5 @@
-"""Conditioning of text-to-image UNets as one value: a tensor (SD 1.x/2.x text embeddings) or a flat dict of
-tensors (SDXL: text embeddings, pooled text embeddings, micro-conditioning time ids).
+"""Conditioning of conditional denoisers as one value: a tensor (SD 1.x/2.x text embeddings) or a flat dict of
+tensors (SDXL: text embeddings, pooled text embeddings, micro-conditioning time ids; DiT: class labels).
 
 Everything between the data and the UNet (the teacher service's dynamic batching, condition dropout, held-out
 batches, the Ray object store) handles a condition through these few functions, so a teacher family with more
@@ -8,7 +8,8 @@ tensor belongs to sample ``i``.
 
 Names (the dataset's tuple order after ``x_0``): ``encoder_hidden_states`` ``(B, L, D)``, ``text_embeds``
 ``(B, P)`` (SDXL's pooled projection of its second text encoder), ``time_ids`` ``(B, 6)`` (SDXL's original size,
-crop offset and target size).
+crop offset and target size), ``class_labels`` ``(B,)`` integer (DiT's classes; its null class, the number of
+classes, is the unconditional one). A class-conditional dataset's items carry only the labels after ``x_0``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-COND_NAMES = ("encoder_hidden_states", "text_embeds", "time_ids")
+COND_NAMES = ("encoder_hidden_states", "text_embeds", "time_ids", "class_labels")
 ADDED = ("text_embeds", "time_ids")  # what diffusers' UNet2DConditionModel reads from ``added_cond_kwargs``
 
 Cond = Union[torch.Tensor, dict]
@@ -35,11 +36,12 @@ def as_dict(cond) -> dict | None:
 
 def from_items(items: tuple | list):
     """The condition of a dataset batch's items after ``x_0`` (positional, :data:`COND_NAMES` order): a tensor
-    when there is only the text embedding (the SD 1.x form), else a dict; None for no items."""
+    when there is only the text embedding (the SD 1.x form), ``{"class_labels": ...}`` when there is only an
+    integer tensor (DiT's class labels), else a dict; None for no items."""
     if not items:
         return None
     if len(items) == 1:
-        return items[0]
+        return items[0] if items[0].dtype.is_floating_point else {"class_labels": items[0]}
     return dict(zip(COND_NAMES, items))
 
 
@@ -87,11 +89,14 @@ def cond_where(drop: torch.Tensor, uncond, cond):
 
 
 def cond_kwargs(cond, device=None, dtype: torch.dtype | None = None) -> dict:
-    """The forward kwargs of a conditional UNet (``encoder_hidden_states``, and ``added_cond_kwargs`` for SDXL's
-    ``text_embeds`` / ``time_ids``); ``{}`` when ``cond`` is None."""
+    """The forward kwargs of a conditional denoiser (``encoder_hidden_states``, and ``added_cond_kwargs`` for
+    SDXL's ``text_embeds`` / ``time_ids``; DiT's integer ``class_labels``, never cast to ``dtype``); ``{}`` when
+    ``cond`` is None."""
     if cond is None:
         return {}
     d = as_dict(cond)
+    if "class_labels" in d:
+        return {"class_labels": d["class_labels"].to(device=device)}
     move = lambda v: v.to(device=device, dtype=dtype if dtype is not None else v.dtype)  # noqa: E731
     kw = {"encoder_hidden_states": move(d["encoder_hidden_states"])}
     added = {k: move(d[k]) for k in ADDED if k in d}

@@ -246,8 +246,9 @@ class KDLoss(nn.Module):
         # output KD, ‖ε_S(x_t,t) − ε_T(x_t,t)‖² (arXiv 2410.04191: each student mimics the teacher's noise
         # prediction on its own timestep segment); the teacher is a fixed target
         loss_out = F.mse_loss(eps_s, eps_t.detach()) if eps_t is not None else zero
-        # task loss, ‖ε_S − ε‖²: the DDPM objective (Ho et al. 2020, eq. 14), or its v / x_0 counterpart
-        loss_task = F.mse_loss(eps_s, target) if target is not None else zero
+        # task loss, ‖ε_S − ε‖²: the DDPM objective (Ho et al. 2020, eq. 14), or its v / x_0 counterpart; a
+        # learned-sigma model (DiT) outputs the prediction, then the variance channels: the target is the first part
+        loss_task = F.mse_loss(eps_s[:, :target.shape[1]], target) if target is not None else zero
         loss_feat = zero
         if self.feature is not None:
             if feats_s is None or feats_t is None:

@@ -81,19 +81,26 @@ def build_students(cfg: Config, teacher: nn.Module, n: int) -> list[UNet]:
 
     Args:
         cfg: the run config (``students.width``/``layers_per_block`` may be one value or one per segment;
-            ``students.drop_mid_block`` and ``students.transformer_layers_per_block`` apply to all).
+            ``students.drop_mid_block`` and ``students.transformer_layers_per_block`` apply to all; a DiT
+            teacher's students keep ``students.depth`` of its blocks and ``students.width`` of its heads).
         teacher: the teacher network (see :func:`build_student`).
         n: number of segments.
     Returns:
         ``n`` students; student k's random init is seeded with ``cfg.train.seed + k``.
     """
+    from o2mkd_ray.core.transformer_students import build_transformer_student, is_transformer
+
     st = cfg.students
     widths = per_segment_values(st.width, n, "students.width")
     layers = per_segment_values(st.layers_per_block, n, "students.layers_per_block")
+    depths = per_segment_values(1.0 if st.depth is None else st.depth, n, "students.depth")
     students = []
     for k in range(n):
         with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG stream untouched
             torch.manual_seed(cfg.train.seed + k)
+            if is_transformer(teacher):  # DiT: fewer blocks (students.depth), fewer heads (students.width)
+                students.append(build_transformer_student(teacher, depths[k], widths[k], st.init))
+                continue
             students.append(
                 build_student(teacher, widths[k], layers[k], st.unet, st.init, drop_mid_block=st.drop_mid_block,
                               transformer_layers_per_block=st.transformer_layers_per_block)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
+from o2mkd_ray.config.checks import CLASS_KINDS, TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.conditioning import cond_kwargs, from_items
 from o2mkd_ray.core.features import FeatureHooks, dummy_cond, hookable_blocks
@@ -42,23 +42,29 @@ def _load_scheduler(path: str, subfolder: str | None):
 
 
 def teacher_kind(tcfg: TeacherConfig) -> str:
-    """``"unet"``, ``"stable_diffusion"`` or ``"stable_diffusion_xl"``: ``teacher.kind``, or read from a local
-    folder when it is ``auto`` (SDXL: a Stable Diffusion folder whose ``model_index.json`` names an SDXL pipeline)."""
+    """``"unet"``, ``"stable_diffusion"``, ``"stable_diffusion_xl"`` or ``"dit"``: ``teacher.kind``, or read from
+    a local folder when it is ``auto`` (SDXL: a Stable Diffusion folder whose ``model_index.json`` names an SDXL
+    pipeline; DiT: a ``DiTPipeline`` folder)."""
     if tcfg.kind != "auto":
         return tcfg.kind
     if tcfg.factory:
         return "unet"
+    from o2mkd_ray.core.dit import is_dit_folder
     from o2mkd_ray.core.sd import is_sd_folder, is_sdxl_folder
 
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
+    if looks_local(spec) and is_dit_folder(spec):
+        return "dit"
     if not (looks_local(spec) and is_sd_folder(spec)):
         return "unet"
     return "stable_diffusion_xl" if is_sdxl_folder(spec) else "stable_diffusion"
 
 
 def _unet_class(spec: str, subfolder: str | None, kind: str):
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
+    if kind in CLASS_KINDS:
+        return DiTTransformer2DModel
     if kind in TEXT_TO_IMAGE_KINDS:
         return UNet2DConditionModel
     if looks_local(spec):
@@ -72,6 +78,8 @@ def _load_pretrained(spec: str, subfolder: str | None, kind: str = "unet"):
     local = looks_local(spec)
     if kind in TEXT_TO_IMAGE_KINDS and subfolder is None:
         subfolder = "unet"
+    if kind in CLASS_KINDS and subfolder is None:
+        subfolder = "transformer"
     if local:
         p = Path(spec).expanduser()
         if not p.is_dir():
@@ -87,8 +95,8 @@ def _load_pretrained(spec: str, subfolder: str | None, kind: str = "unet"):
     except (OSError, EnvironmentError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local else " (offline? download it and point teacher.pretrained at the local folder)"
-        raise ConfigError(f"teacher.pretrained: could not load UNet from {spec!r}{where}: {first}") from None
-    scheduler = _load_scheduler(spec, None if subfolder in (None, "unet") else subfolder)
+        raise ConfigError(f"teacher.pretrained: could not load the denoiser from {spec!r}{where}: {first}") from None
+    scheduler = _load_scheduler(spec, None if subfolder in (None, "unet", "transformer") else subfolder)
     return model, scheduler
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
+from o2mkd_ray.config.checks import CLASS_KINDS, TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.kd import check_kd_method
 from o2mkd_ray.core.schedulers import check_scheduler_name
@@ -40,7 +40,7 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
             require_text_to_image_extra("teacher.kind")
         if tcfg.kind == "auto":
             raise ConfigError(f"teacher.kind: cannot tell what the hub model {spec!r} is before downloading it; set "
-                              "teacher.kind to unet, stable_diffusion or stable_diffusion_xl")
+                              "teacher.kind to unet, stable_diffusion, stable_diffusion_xl or dit")
         return  # a hub id: checked when it is downloaded (no network access in preflight)
     p = Path(spec).expanduser()
     if not p.is_dir():
@@ -55,7 +55,11 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
 
         require_text_to_image_extra("teacher.kind")
         check_sd_folder(p, xl=kind == "stable_diffusion_xl")
-    sub = tcfg.subfolder or ("unet" if (p / "unet").is_dir() else "")
+    if kind in CLASS_KINDS:
+        from o2mkd_ray.core.dit import check_dit_folder
+
+        check_dit_folder(p)
+    sub = tcfg.subfolder or next((s for s in ("unet", "transformer") if (p / s).is_dir()), "")
     cfg_file = p / sub / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} not found; is {spec!r} a diffusers UNet folder?")
@@ -81,7 +85,8 @@ def _check_folder_teacher(tcfg: TeacherConfig, p: Path, sub: str, kind: str, dat
     cfg_file = p / sub / "config.json"
     ucfg = read_json_config(cfg_file, "teacher.pretrained")
     cls = ucfg.get("_class_name", "UNet2DModel")
-    want = "UNet2DConditionModel" if kind in TEXT_TO_IMAGE_KINDS else "UNet2DModel"
+    want = ("DiTTransformer2DModel" if kind in CLASS_KINDS else
+            "UNet2DConditionModel" if kind in TEXT_TO_IMAGE_KINDS else "UNet2DModel")
     if cls != want:
         raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} describes a {cls}; a {kind} teacher folder must "
                           f"hold a diffusers {want} (wrap other models in teacher.factory='module:function')")
@@ -95,7 +100,12 @@ def _check_folder_teacher(tcfg: TeacherConfig, p: Path, sub: str, kind: str, dat
     if kind == "unet":  # SD works in latent space: images are resized to what the VAE expects
         _check_shapes(ucfg, data)
     n = _check_segments(segments, scfg.get("num_train_timesteps", 1000))
-    if students is not None and n is not None:
+    if students is not None and n is not None and kind in CLASS_KINDS:
+        _check_transformer_students(students, n, ucfg)
+    elif students is not None and n is not None:
+        if students.depth is not None:
+            raise ConfigError("students.depth: only transformer teachers (DiT) have blocks to drop; remove it and "
+                              "use students.layers_per_block for a UNet teacher")
         _check_students(students, n, lambda: _ConfigOnly(ucfg))
 
 
@@ -105,9 +115,26 @@ def check_run(cfg) -> None:
     check_scheduler_name(cfg.sampling.scheduler, "sampling.scheduler")
     check_kd_method(cfg.kd.feature_method)
     check_teacher(cfg.teacher, cfg.data, segments=cfg.segments, students=cfg.students)
+    if cfg.kd.lambda_feat > 0 and cfg.teacher.factory is None and teacher_kind(cfg.teacher) in CLASS_KINDS:
+        raise ConfigError("kd.lambda_feat: feature KD matches UNet blocks, which a DiT teacher does not have; set "
+                          "kd.lambda_feat=0 (output KD distils DiT students)")
+    if cfg.data.kind == "classes" and cfg.data.path and teacher_kind(cfg.teacher) in CLASS_KINDS:
+        _check_class_folder(cfg)
     if cfg.eval.clip_model is not None and not Path(cfg.eval.clip_model).expanduser().is_dir():
         raise ConfigError(f"eval.clip_model: folder {cfg.eval.clip_model!r} does not exist; give a local CLIP "
                           "model folder (CLIPModel + processor) or remove it")
+
+
+def _check_class_folder(cfg) -> None:
+    """A DiT run's class folder: every subfolder names one of the teacher's classes and there are images."""
+    from o2mkd_ray.core.dit import id2label, read_class_folder
+
+    spec = cfg.teacher.pretrained
+    if spec is None or not looks_local(spec):
+        return
+    sub = cfg.teacher.subfolder or "transformer"
+    n = read_json_config(Path(spec).expanduser() / sub / "config.json", "teacher.pretrained").get("num_embeds_ada_norm")
+    read_class_folder(cfg.data.path, id2label(spec), n if isinstance(n, int) else None)
 
 
 class _ConfigOnly(nn.Module):
@@ -166,6 +193,23 @@ def _check_segments(segments, T) -> int | None:
     from o2mkd_ray.core.segments import Segments
 
     return Segments.from_config(segments, T).n
+
+
+def _check_transformer_students(st, n: int, tcfg: dict) -> None:
+    """Every segment's DiT student config (depth and heads kept) is valid: derived from the teacher's config only."""
+    from o2mkd_ray.core.students import per_segment_values
+    from o2mkd_ray.core.transformer_students import transformer_student_config
+
+    for key, value in (("students.layers_per_block", st.layers_per_block), ("students.unet", st.unet),
+                       ("students.transformer_layers_per_block", st.transformer_layers_per_block)):
+        if value is not None:
+            raise ConfigError(f"{key}: a UNet option; a DiT teacher's students are shaped by students.depth and "
+                              "students.width, remove it")
+    if st.drop_mid_block:
+        raise ConfigError("students.drop_mid_block: a UNet option; a DiT teacher has no mid block, remove it")
+    depths = per_segment_values(1.0 if st.depth is None else st.depth, n, "students.depth")
+    for d, w in zip(depths, per_segment_values(st.width, n, "students.width")):
+        transformer_student_config(tcfg, d, w)
 
 
 def _check_students(st, n: int, teacher_like) -> None:

@@ -153,3 +153,22 @@ def build_transformer_student(teacher: nn.Module, depth: float = 1.0, width: flo
     if init == "teacher":
         init_transformer_from_teacher(student, teacher, kept)
     return student.eval()
+
+
+def disable_label_dropout(model: nn.Module) -> int:
+    """Turns off the random class-label dropout of a DiT's label embedding in training mode (its table keeps the
+    null class row, so guidance still works).
+
+    In distillation the run itself drops labels to the null class (``data.uncond_prob``) and asks the teacher with
+    the same dropped labels; a student dropping labels on its own would be taught the teacher's class-conditional
+    output under the null class.
+
+    Returns:
+        The number of label embeddings changed (0 for models without one).
+    """
+    from diffusers.models.embeddings import LabelEmbedding
+
+    found = [m for m in model.modules() if isinstance(m, LabelEmbedding)]
+    for m in found:
+        m.dropout_prob = 0.0
+    return len(found)

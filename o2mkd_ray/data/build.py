@@ -50,6 +50,11 @@ def check_data(d: DataConfig, strict: bool = True) -> list[str]:
             warns.append(f"data.kind={d.kind}: the 'datasets' package is not installed; pip install datasets")
     elif d.kind == "prompts":
         check_prompts_file(d)
+    elif d.kind == "classes" and d.path:  # the class names are checked against the teacher's (check_run)
+        root = Path(d.path).expanduser()
+        if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
+            raise ConfigError(f"data.path: {str(root)!r} is not a folder of class subfolders; give a folder with "
+                              "one subfolder of images per class")
     if warns and strict:
         raise ConfigError(warns[0])
     return warns
@@ -57,6 +62,9 @@ def check_data(d: DataConfig, strict: bool = True) -> list[str]:
 
 def build_dataset(d: DataConfig) -> Dataset:
     """Builds the dataset named by the config. Items are 1-tuples ``(x_0,)`` with ``x_0: (C, H, W)``."""
+    if d.kind == "classes":
+        raise ConfigError("data.kind=classes: class-labelled datasets are built with the teacher's VAE "
+                          "(o2mkd_ray.data.class_data.build_class_data), which needs a DiT teacher")
     if d.kind == "prompts":
         raise ConfigError("data.kind=prompts: prompt datasets are built from the teacher's text encoder and VAE "
                           "(o2mkd_ray.data.cond_cache.build_cond_data), which needs a Stable Diffusion teacher")

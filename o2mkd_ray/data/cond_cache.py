@@ -63,15 +63,19 @@ def synthesize_latents(teacher, scheduler_config, cond, uncond, shape, steps: in
             if guidance > 1:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x).prev_sample
+            # a learned-sigma teacher (DiT) outputs the prediction, then the variance: the step takes the first part,
+            # as DiTPipeline does
+            x = sched.step(eps[:, :shape[0]], t, x).prev_sample
         out.append(x.float())
     return torch.cat(out)
 
 
-# Cached array name -> (which condition, conditioning name): SD 1.x/2.x has the first and fourth only.
+# Cached array name -> (which condition, conditioning name): SD 1.x/2.x has "embeds" and "uncond" only; DiT's
+# class data (o2mkd_ray.data.class_data) the last two only.
 ARRAYS = {"embeds": ("cond", "encoder_hidden_states"), "pooled": ("cond", "text_embeds"),
           "time_ids": ("cond", "time_ids"), "uncond": ("uncond", "encoder_hidden_states"),
-          "uncond_pooled": ("uncond", "text_embeds"), "uncond_time_ids": ("uncond", "time_ids")}
+          "uncond_pooled": ("uncond", "text_embeds"), "uncond_time_ids": ("uncond", "time_ids"),
+          "class_labels": ("cond", "class_labels"), "uncond_class_labels": ("uncond", "class_labels")}
 
 
 def _encode_captions(cfg, prompts: list[str], size: int, device):
@@ -117,7 +121,7 @@ def conditions(cond_data: dict):
     for n, (which, name) in ARRAYS.items():
         if n in cond_data:
             parts[which][name] = _view(cond_data[n])
-    simple = lambda d: d["encoder_hidden_states"] if len(d) == 1 else d  # noqa: E731 - SD: the bare tensor
+    simple = lambda d: d["encoder_hidden_states"] if list(d) == ["encoder_hidden_states"] else d  # noqa: E731 - SD
     return simple(parts["cond"]), simple(parts["uncond"])
 
 
@@ -206,7 +210,8 @@ def _encode_caption_images(items: list, vae, size: int, seed: int, log) -> torch
 def cond_dataset(cond_data: dict):
     """From :func:`build_cond_data`'s output: a TensorDataset of ``(x_0 latent (C, h, w), text embedding (L, D)
     [, pooled (P,), time ids (6,)])`` (the :data:`~o2mkd_ray.core.conditioning.COND_NAMES` order) and the empty
-    prompt's condition, batch 1 (the condition dropout's stand-in).
+    prompt's condition, batch 1 (the condition dropout's stand-in); from
+    :func:`o2mkd_ray.data.class_data.build_class_data`'s: ``(x_0 latent, class label ())`` and the null class.
 
     No copy of the dataset: arrays fetched from Ray's object store are read-only views of shared memory, so every
     worker on a node shares one copy (COCO30K at SD 1.x size: 2 GB of latents + 7 GB of embeddings); batches are

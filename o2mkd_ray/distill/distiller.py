@@ -19,6 +19,7 @@ from o2mkd_ray.core.kd import KDLoss
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.targets import task_target
 from o2mkd_ray.core.teacher import batch_cond
+from o2mkd_ray.core.transformer_students import disable_label_dropout
 from o2mkd_ray.data.images import random_flip
 from o2mkd_ray.distill.checkpoints import MANIFEST, TRAIN_STATE, config_hash, hash_files, verify_checkpoint
 from o2mkd_ray.distill.ema import EMA
@@ -29,6 +30,11 @@ TeacherCallable = Callable[..., tuple[torch.Tensor, dict | None]]
 class SegmentDistiller:
     """Student k, its EMA, KD loss (with adapters) and optimizer; one ``train_step`` per batch.
 
+    A learned-sigma teacher (DiT: its output is the noise prediction, then as many channels of variance
+    interpolation) is distilled on its whole output: the pipeline's sampler reads the first half, and a scheduler
+    with learned variance (or any code that splits the output as ``DiTPipeline`` does) the second, so a student
+    trained on both is a drop-in replacement for the teacher's transformer. The task loss compares the first half.
+
     Args:
         cfg: the resolved config.
         k: segment index.
@@ -38,9 +44,9 @@ class SegmentDistiller:
         teacher_channels: channels of the teacher's hooked blocks (``{}`` / None: no feature KD).
         wrap: optional wrapper for the training forward (Ray's ``prepare_model`` → DDP).
         rank: data-parallel rank (seeds differ per rank).
-        uncond: text-conditioned students: the empty prompt's embedding ``(1, L, D)``; each sample's condition is
-            replaced by it with probability ``data.uncond_prob`` (:meth:`make_cond`), so the student learns the
-            unconditional branch classifier-free guidance needs.
+        uncond: conditional students: the empty prompt's embedding ``(1, L, D)`` (DiT: ``{"class_labels"}`` with
+            the null class); each sample's condition is replaced by it with probability ``data.uncond_prob``
+            (:meth:`make_cond`), so the student learns the unconditional branch classifier-free guidance needs.
     """
 
     def __init__(self, cfg: Config, k: int, segments: Segments, scheduler, student: nn.Module,
@@ -50,6 +56,7 @@ class SegmentDistiller:
         self.uncond = uncond
         self.device = torch.device(device)
         self.student = student.to(self.device)
+        disable_label_dropout(self.student)  # DiT: the run drops labels itself, the same ones for the teacher
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         cfg_s = getattr(student, "config", None)
         if cfg_s is not None and isinstance(getattr(cfg_s, "sample_size", None), int):

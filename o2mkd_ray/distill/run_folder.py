@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from o2mkd_ray.config.checks import TEXT_TO_IMAGE_KINDS
+from o2mkd_ray.config.checks import CONDITIONAL_KINDS, TEXT_TO_IMAGE_KINDS
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_dir, write_json, write_text
 from o2mkd_ray.core.segments import Segments
@@ -20,7 +20,9 @@ from o2mkd_ray.core.segments import Segments
 log = logging.getLogger(__name__)
 
 
-NEW_KEYS = (("students", "transformer_layers_per_block"),)
+# keys added after runs were saved, with their defaults: (section, key, default)
+NEW_KEYS = (("students", "transformer_layers_per_block", None), ("students", "depth", None),
+            ("data", "synth_samples", 64))
 
 
 def run_hash(d: dict) -> str:
@@ -28,9 +30,10 @@ def run_hash(d: dict) -> str:
     keep = {k: v for k, v in d.items() if k not in ("ray", "mlflow", "eval", "debug", "sampling")}
     if isinstance(keep.get("train"), dict):  # how often live metrics are sent changes nothing trained
         keep["train"] = {k: v for k, v in keep["train"].items() if k != "log_every"}
-    # keys added after runs were saved count only when set, so those runs' folders keep resuming
-    for section, key in NEW_KEYS:
-        if isinstance(keep.get(section), dict) and keep[section].get(key) is None:
+    # keys added after runs were saved count only when set to another value than their default, so those runs'
+    # folders keep resuming
+    for section, key, default in NEW_KEYS:
+        if isinstance(keep.get(section), dict) and keep[section].get(key, default) == default:
             keep[section] = {k: v for k, v in keep[section].items() if k != key}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
@@ -93,14 +96,31 @@ def is_text_to_image(cfg: Config) -> bool:
     return teacher_kind(cfg.teacher) in TEXT_TO_IMAGE_KINDS
 
 
+def is_conditional(cfg: Config) -> bool:
+    """True for teachers whose training data carries a condition per sample (text-to-image, class-conditional)."""
+    from o2mkd_ray.core.teacher import teacher_kind
+
+    return teacher_kind(cfg.teacher) in CONDITIONAL_KINDS
+
+
 def load_cond_data(cfg: Config, out: Path | None, teacher, scheduler, teacher_fn) -> dict:
-    """Text-to-image runs: cached caption latents + embeddings (OUT/cache; not cached when ``out`` is None),
-    synthesised by ``teacher_fn`` if needed (None: the teacher in-process)."""
+    """Conditional runs: cached latents + conditions (OUT/cache; not cached when ``out`` is None), synthesised by
+    ``teacher_fn`` if needed (None: the teacher in-process): caption embeddings for text-to-image teachers
+    (:func:`~o2mkd_ray.data.cond_cache.build_cond_data`), class labels for DiT
+    (:func:`~o2mkd_ray.data.class_data.build_class_data`)."""
     from o2mkd_ray.data.cond_cache import build_cond_data
 
     t0 = time.time()
-    cond = build_cond_data(cfg, teacher, dict(scheduler.config), teacher=teacher_fn,
-                           cache_dir=Path(out) / "cache" if out is not None else None,
+    cache_dir = Path(out) / "cache" if out is not None else None
+    if not is_text_to_image(cfg):
+        from o2mkd_ray.data.class_data import build_class_data
+
+        cond = build_class_data(cfg, teacher, dict(scheduler.config), teacher_fn, cache_dir,
+                                log=lambda m: log.warning("%s", m))
+        log.warning("class-conditional data: latents %s of %d classes (%.1f s)", tuple(cond["latents"].shape),
+                    len(set(cond["class_labels"].tolist())), time.time() - t0)
+        return cond
+    cond = build_cond_data(cfg, teacher, dict(scheduler.config), teacher=teacher_fn, cache_dir=cache_dir,
                            log=lambda m: log.warning("%s", m))
     log.warning("text-to-image data: %d captions, latents %s, embeddings %s (%.1f s)", len(cond["prompts"]),
                 tuple(cond["latents"].shape), tuple(cond["embeds"].shape), time.time() - t0)
@@ -112,7 +132,8 @@ def run_dataset(cfg: Config, out: Path | None, teacher, scheduler, teacher_fn=No
 
     Unconditional teachers: the config's dataset (items ``(x_0,)``) and None. Text-to-image teachers: the caption
     latents with their conditioning (items ``(x_0, cond)``, :func:`~o2mkd_ray.data.cond_cache.cond_dataset`) from
-    :func:`load_cond_data`, and the empty prompt's conditioning. Everything that feeds a teacher the run's data
+    :func:`load_cond_data`, and the empty prompt's conditioning; DiT teachers: class-labelled latents (items
+    ``(x_0, label)``) and the null class. Everything that feeds a teacher the run's data
     (the local engine, tune's objectives, the feature analysis) takes it from here, so a new text-to-image kind
     plugs in through its cached conditioning, not through each caller.
 
@@ -120,7 +141,7 @@ def run_dataset(cfg: Config, out: Path | None, teacher, scheduler, teacher_fn=No
         out: the run folder holding the text-to-image cache (None: not cached); teacher_fn: see
             :func:`load_cond_data`.
     """
-    if is_text_to_image(cfg):
+    if is_conditional(cfg):
         from o2mkd_ray.data.cond_cache import cond_dataset
 
         return cond_dataset(load_cond_data(cfg, out, teacher, scheduler, teacher_fn))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from o2mkd_ray.config.schema import Config
-from o2mkd_ray.distill.run_folder import finished_summary, is_text_to_image, load_cond_data, prepare_run
+from o2mkd_ray.distill.run_folder import finished_summary, is_conditional, load_cond_data, prepare_run
 from o2mkd_ray.engine.console import ConsoleProgress, checkpoints_only
 from o2mkd_ray.engine.faults import teacher_fault, watch_driver
 from o2mkd_ray.engine.phases import PhaseTimer
@@ -167,8 +167,8 @@ def _start_teacher_service(cfg: Config, out: Path, teacher, shape, todo: list[in
 
 
 def _share_cond_data(cfg: Config, out: Path, teacher, scheduler, service: TeacherService):
-    """Text-to-image runs: the caption latents + text embeddings (synthesised by the teacher actors if needed),
-    once, in the object store for every segment's workers."""
+    """Conditional runs: the latents + conditions (caption embeddings, DiT's class labels; synthesised by the
+    teacher actors if needed), once, in the object store for every segment's workers."""
     import ray
 
     from o2mkd_ray.engine.teacher_service import TeacherClient
@@ -209,7 +209,7 @@ def _run_ray(cfg: Config, out, progress, on_progress, tracker, train_callbacks=N
         with timer.phase("teacher_service_s"):
             todo = [k for k in range(segments.n) if finished_summary(out, k) is None]
             service = _start_teacher_service(cfg, out, teacher, shape, todo)
-            cond_ref = _share_cond_data(cfg, out, teacher, scheduler, service) if todo and is_text_to_image(cfg) \
+            cond_ref = _share_cond_data(cfg, out, teacher, scheduler, service) if todo and is_conditional(cfg) \
                 else None
             inits = student_inits(cfg, teacher, segments.n) if todo else []
             configs = loop_configs(cfg, segments, scheduler, todo, inits, service.names, service.channels, cond_ref,

@@ -115,7 +115,7 @@ def _teacher(cfg: Config, config: dict, k: int, rank: int, device):
 
 
 def _dataset(cfg: Config, config: dict):
-    if config.get("cond_data"):  # text-to-image: the driver's cached latents + text embeddings
+    if config.get("cond_data"):  # conditional: the driver's cached latents + text embeddings / class labels
         from o2mkd_ray.data.cond_cache import cond_dataset
 
         return cond_dataset(ray.get(config["cond_data"][0]))

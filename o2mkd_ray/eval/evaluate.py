@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from o2mkd_ray.core.teacher import teacher_kind
 from o2mkd_ray.distill.run_folder import is_text_to_image
 from o2mkd_ray.errors import ConfigError
 from o2mkd_ray.eval.fid import REFERENCE_IMAGES
@@ -52,7 +53,9 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
 
     Unconditional runs: teacher agreement per timestep, trajectory fidelity, FID/KID vs data and teacher, cost,
     latency (``report.json``, ``report.md``, plots). Text-to-image runs: :func:`evaluate_sd` on the run's
-    prompts (``report.json``, ``metrics.json``, ``samples.png``).
+    prompts (``report.json``, ``metrics.json``, ``samples.png``). DiT runs: agreement with the teacher on held-out
+    class labels (trained vs untrained students), pixel error, cost
+    (:func:`~o2mkd_ray.eval.class_conditional.evaluate_dit_run`).
 
     Args:
         out: the run folder (``config.json``, ``pipeline/``).
@@ -76,6 +79,10 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"eval {key}: must be an integer >= 1, got {v!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if teacher_kind(cfg.teacher) == "dit":
+        from o2mkd_ray.eval.class_conditional import evaluate_dit_run
+
+        return evaluate_dit_run(out, cfg, n, steps, agreement_samples=min(agreement_samples, 64), device=dev)
     if is_text_to_image(cfg):
         return evaluate_sd_run(out, cfg, n, steps, latency_repeats=latency_repeats, device=dev)
     opt = Options(num_images=n, steps=steps, agreement_samples=agreement_samples, num_buckets=num_buckets,

@@ -85,7 +85,8 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
         eps_S = multi(x_t.to(p.device, p.dtype), t_b.to(p.device), **kw).sample.float().cpu()
         eps_T = eps_of(teacher_fn(x_t.to(p.device), t_b.to(p.device), **kw)).float().cpu()
         mse.append(((eps_S - eps_T) ** 2).flatten(1).mean(1))
-        task.append(((eps_T - task_target(scheduler, x_0, eps, t_b)) ** 2).flatten(1).mean(1))
+        target = task_target(scheduler, x_0, eps, t_b)  # a learned-sigma output (DiT) carries it first
+        task.append(((eps_T[:, :target.shape[1]] - target) ** 2).flatten(1).mean(1))
     df = pd.DataFrame({"t": t.numpy(), "segment": segments.owner(t).numpy(),
                        "bucket": (t * num_buckets // T).numpy(),
                        "mse": torch.cat(mse).double().numpy(), "task": torch.cat(task).double().numpy()})

@@ -119,6 +119,28 @@ def write_sd_samples(cfg: Config, teacher_pipe, pipe, prompts: list[str], path) 
             "guidance_scale": sm.guidance_scale, "pixel_mse_vs_teacher": mse}
 
 
+def sampling_class_labels(cfg: Config, num_classes: int, n: int | None = None) -> list[int]:
+    """The class labels of a DiT run's sample grid: ``0, 1, ...`` (``sampling.num_images`` of them, or ``n``),
+    wrapping at the teacher's number of classes."""
+    return [i % num_classes for i in range(n if n is not None else cfg.sampling.num_images)]
+
+
+def write_dit_samples(cfg: Config, teacher_pipe, pipe, path) -> dict:
+    """``samples.png`` of a DiT run: teacher (top) and students (bottom), same class labels, noise and guidance."""
+    sm = cfg.sampling
+    pipe.set_progress_bar_config(disable=True)
+    teacher_pipe.scheduler = scheduler_copy(pipe)
+    labels = sampling_class_labels(cfg, int(teacher_pipe.transformer.config.num_embeds_ada_norm))
+    imgs = [p(class_labels=labels, guidance_scale=sm.guidance_scale, num_inference_steps=sm.steps,
+              generator=torch.Generator().manual_seed(sm.seed), output_type="np").images
+            for p in (teacher_pipe, pipe)]
+    mse = image_fidelity(*imgs)["mse_mean"]
+    save_grid(imgs, ["teacher", f"O2MKD students (N={pipe.transformer.num_students})"], path,
+              title=f"{sm.scheduler} {sm.steps} steps, guidance {sm.guidance_scale}, same noise; pixel MSE {mse:.4f}")
+    return {"scheduler": sm.scheduler, "steps": sm.steps, "num_images": len(labels), "class_labels": labels,
+            "guidance_scale": sm.guidance_scale, "pixel_mse_vs_teacher": mse}
+
+
 def write_samples(cfg: Config, teacher_model: nn.Module, pipe, teacher_scheduler_config, shape, path) -> dict:
     """``samples.png``: teacher (top) and O2MKD students (bottom) from the same initial noise and scheduler."""
     sm = cfg.sampling

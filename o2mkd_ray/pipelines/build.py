@@ -11,40 +11,46 @@ from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.schedulers import make_scheduler
 from o2mkd_ray.errors import ConfigError
 
+STUDENT_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
 
 def load_student(checkpoint_dir: str | Path, use_ema: bool = True) -> nn.Module:
-    """The (EMA) student saved in a segment checkpoint folder (a UNet2DModel or UNet2DConditionModel)."""
+    """The (EMA) student saved in a segment checkpoint folder (a UNet2DModel, UNet2DConditionModel or
+    DiTTransformer2DModel)."""
     import json
 
     import diffusers
 
     d = Path(checkpoint_dir) / ("ema" if use_ema else "student")
     cls = json.loads((d / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    if cls not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise ConfigError(f"checkpoint {str(d)!r} holds a {cls}; expected a UNet2DModel or UNet2DConditionModel")
+    if cls not in STUDENT_CLASSES:
+        raise ConfigError(f"checkpoint {str(d)!r} holds a {cls}; expected one of {', '.join(STUDENT_CLASSES)}")
     return getattr(diffusers, cls).from_pretrained(d)
 
 
 def load_saved_students(pipeline_dir: str | Path):
-    """The :class:`MultiStudentUNet` of a saved O2MKD pipeline folder, whatever the pipeline (its component is
-    found by class in ``model_index.json``: ``students`` in the unconditional pipeline, ``unet`` in text-to-image
-    ones), without loading the other components.
+    """The :class:`MultiStudentUNet` (DiT: :class:`MultiStudentTransformer`) of a saved O2MKD pipeline folder,
+    whatever the pipeline (its component is found by class in ``model_index.json``: ``students`` in the
+    unconditional pipeline, ``unet`` in text-to-image ones, ``transformer`` in DiT's), without loading the other
+    components.
 
     Raises:
         ConfigError: the folder has no ``model_index.json`` naming a MultiStudentUNet component.
     """
     import json
 
+    from o2mkd_ray.pipelines.multi_transformer import MultiStudentTransformer
     from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
 
     d = Path(pipeline_dir)
     index = json.loads((d / "model_index.json").read_text()) if (d / "model_index.json").is_file() else {}
-    names = [k for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2
-             and v[1] == MultiStudentUNet.__name__]
-    if len(names) != 1:
-        raise ConfigError(f"pipeline folder {str(d)!r} has no MultiStudentUNet component in model_index.json; "
-                          "give OUT/pipeline of an o2mkd-ray distill run")
-    return MultiStudentUNet.from_pretrained(d / names[0])
+    classes = {c.__name__: c for c in (MultiStudentUNet, MultiStudentTransformer)}
+    found = [(k, v[1]) for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2
+             and v[1] in classes]
+    if len(found) != 1:
+        raise ConfigError(f"pipeline folder {str(d)!r} has no MultiStudentUNet / MultiStudentTransformer component "
+                          "in model_index.json; give OUT/pipeline of an o2mkd-ray distill run")
+    return classes[found[0][1]].from_pretrained(d / found[0][0])
 
 
 def build_pipeline(students: list[nn.Module], boundaries, scheduler, value_range):
@@ -89,11 +95,33 @@ def build_sd_pipeline(students: list[nn.Module], boundaries, teacher_pipe, sched
     return cls.from_teacher(teacher_pipe, multi, scheduler=sampler)
 
 
+def teacher_dit_pipeline(cfg: Config, transformer: nn.Module | None = None):
+    """A DiT teacher as diffusers' ``DiTPipeline``, its already loaded transformer reused when given."""
+    from diffusers import DiTPipeline
+
+    kw = {"transformer": transformer} if transformer is not None else {}
+    pipe = DiTPipeline.from_pretrained(cfg.teacher.pretrained, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_dit_pipeline(students: list[nn.Module], boundaries, teacher_pipe, scheduler_name: str):
+    """``O2MKDDiTPipeline``: the DiT students routed by timestep, the teacher's VAE and class names, a sampling
+    scheduler on the teacher's own scheduler config."""
+    from o2mkd_ray.pipelines.dit import O2MKDDiTPipeline
+    from o2mkd_ray.pipelines.multi_transformer import MultiStudentTransformer
+
+    multi = MultiStudentTransformer(students, boundaries=list(boundaries))
+    return O2MKDDiTPipeline.from_teacher(teacher_pipe, multi,
+                                         scheduler=make_scheduler(scheduler_name, teacher_pipe.scheduler.config))
+
+
 # model_index.json class name of a saved O2MKD pipeline -> (module, class); the text-to-image ones need the sd extra
 PIPELINE_CLASSES = {
     "O2MKDPipeline": ("o2mkd_ray.pipelines.unconditional", "O2MKDPipeline"),
     "O2MKDStableDiffusionPipeline": ("o2mkd_ray.pipelines.stable_diffusion", "O2MKDStableDiffusionPipeline"),
     "O2MKDStableDiffusionXLPipeline": ("o2mkd_ray.pipelines.stable_diffusion_xl", "O2MKDStableDiffusionXLPipeline"),
+    "O2MKDDiTPipeline": ("o2mkd_ray.pipelines.dit", "O2MKDDiTPipeline"),
 }
 
 

@@ -19,11 +19,13 @@ import pandas as pd
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
     """``mlflow.pyfunc`` wrapper of :class:`~o2mkd_ray.O2MKDPipeline` (or a text-to-image O2MKD pipeline:
-    ``O2MKDStableDiffusionPipeline``, ``O2MKDStableDiffusionXLPipeline``).
+    ``O2MKDStableDiffusionPipeline``, ``O2MKDStableDiffusionXLPipeline``; or the class-conditional
+    ``O2MKDDiTPipeline``).
 
     ``predict`` takes a DataFrame (first row) or a dict with ``num_images`` (default 4), ``steps`` (default 50),
-    ``seed`` (default 0) and, for text-to-image pipelines, ``prompt`` (required), ``negative_prompt`` and
-    ``guidance_scale`` (default 7.5); it returns images as a float32 array of shape (B, H, W, C) in [0, 1].
+    ``seed`` (default 0), for text-to-image pipelines ``prompt`` (required), ``negative_prompt`` and
+    ``guidance_scale`` (default 7.5), for DiT ``class_label`` (required) and ``guidance_scale`` (default 4.0, as
+    ``DiTPipeline``); it returns images as a float32 array of shape (B, H, W, C) in [0, 1].
     """
 
     def load_context(self, context):
@@ -31,7 +33,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         from pathlib import Path
 
         path = context.artifacts["pipeline"]
-        self.text = json.loads((Path(path) / "model_index.json").read_text())["_class_name"] != "O2MKDPipeline"
+        cls = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
+        self.classes = cls == "O2MKDDiTPipeline"
+        self.text = cls not in ("O2MKDPipeline", "O2MKDDiTPipeline")
         from o2mkd_ray.pipelines.build import saved_pipeline_class
 
         self.pipe = saved_pipeline_class(path).from_pretrained(path)
@@ -49,7 +53,12 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             args.update({k: (v[0] if isinstance(v, (list, tuple)) and v else v) for k, v in model_input.items()})
         n, steps, seed = (int(args.get("num_images", 4)), int(args.get("steps", 50)), int(args.get("seed", 0)))
         g = torch.Generator().manual_seed(seed)
-        if self.text:
+        if self.classes:
+            if args.get("class_label") is None:
+                raise ValueError("this is a class-conditional (DiT) model: give a 'class_label'")
+            images = self.pipe(class_labels=[int(args["class_label"])] * n, num_inference_steps=steps, generator=g,
+                               guidance_scale=float(args.get("guidance_scale", 4.0)), output_type="np").images
+        elif self.text:
             if not args.get("prompt"):
                 raise ValueError("this is a text-to-image model: give a 'prompt'")
             images = self.pipe(str(args["prompt"]), negative_prompt=args.get("negative_prompt"), num_images_per_prompt=n,
@@ -86,7 +95,7 @@ def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
-    inputs = Schema([ColSpec("long", name, required=False) for name in ("num_images", "steps", "seed")]
+    inputs = Schema([ColSpec("long", name, required=False) for name in ("num_images", "steps", "seed", "class_label")]
                     + [ColSpec("string", name, required=False) for name in ("prompt", "negative_prompt")]
                     + [ColSpec("double", "guidance_scale", required=False)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, -1))]))

@@ -29,13 +29,13 @@ DEFAULTS = {
                 "num_cpus": 0.5, "num_gpus": 0.0, "max_batch": 512, "max_wait_ms": 2.0, "max_concurrency": 2,
                 "max_restarts": 3, "dtype": "float32"},
     "segments": {"n": 3, "boundaries": None, "fractions": None},
-    "students": {"width": 0.5, "layers_per_block": None, "unet": None, "init": "teacher", "drop_mid_block": False,
+    "students": {"width": 0.5, "depth": None, "layers_per_block": None, "unet": None, "init": "teacher", "drop_mid_block": False,
                  "transformer_layers_per_block": None},
     "kd": {"lambda_out": 1.0, "lambda_feat": 0.1, "lambda_task": 0.0, "feature_method": "fitnet",
            "feature_blocks": None},
     "data": {"kind": "digits", "name": None, "path": None, "split": "train", "image_key": "image",
              "caption_key": "caption", "image_root": None, "max_prompts": None, "uncond_prob": 0.1, "synth_steps": 20,
-             "synth_guidance": 7.5, "resolution": 16, "channels": 1, "value_range": [-1.0, 1.0], "random_flip": False,
+             "synth_guidance": 7.5, "synth_samples": 64, "resolution": 16, "channels": 1, "value_range": [-1.0, 1.0], "random_flip": False,
              "download": False},
     "train": {"steps": 600, "batch_size": 64, "lr": 0.001, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
               "warmup_steps": 20, "seed": 0, "checkpoint_every": 100, "log_every": 10, "val_batches": 2,
@@ -179,6 +179,14 @@ def test_types_are_strict(override, line):
     ({}, ["sampling.eta=2"], "sampling.eta: must be in [0, 1], got 2.0"),
     ({}, ["teacher.max_restarts=-2"], "teacher.max_restarts: must be >= 0 (or -1 for no limit), got -2"),
     ({}, ["students.width=[0.5,0.5]"], "students.width: got 2 widths for 3 segments; give one number or 3"),
+    # DiT: a depth share per segment, class-labelled data only for a class-conditional teacher
+    ({}, ["students.depth=1.5"], "students.depth: the share of the teacher's blocks kept must be in (0, 1], got 1.5"),
+    ({}, ["students.depth=[0.5,0.5]"], "students.depth: got 2 values for 3 segments"),
+    ({}, ["teacher.kind=unet", "data.kind=classes"],
+     "data.kind: classes need a class-conditional teacher; set teacher.pretrained to a DiT folder (teacher.kind=dit)"),
+    ({}, ["teacher.kind=dit"], ("data.kind: a DiT teacher distils on class-labelled latents; set data.kind=classes "
+                                "(got 'digits'), with data.path a folder of one subfolder per class, or none to let "
+                                "the teacher sample them")),
     ({}, ["debug.kill_workr={step: 3}"], "unknown config key 'debug.kill_workr'; did you mean 'debug.kill_worker'?"),
     ({"train": [1]}, [], "train: expected a mapping, got [1]"),
     ([1, 2], [], "config: expected a mapping, got [1, 2]"),
@@ -262,7 +270,7 @@ def test_debug_stays_an_open_mapping():
 
 def test_known_keys_and_mapping_sub_keys():
     keys = known_keys()
-    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 88
+    assert keys[:2] == ["name", "teacher.pretrained"] and len(keys) == len(set(keys)) == 90  # 88 + students.depth, data.synth_samples
     assert {"students.unet", "ray.segment_overrides", "debug", "segments.n"} <= set(keys)
     cfg = from_dict({}, ["students.unet.sample_size=8", "ray.segment_overrides.0.num_workers=2", "debug.marker=/m"])
     assert cfg.students.unet == {"sample_size": 8}

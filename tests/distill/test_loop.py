@@ -376,13 +376,17 @@ def test_restore_with_no_usable_checkpoint_starts_over(ckpts):
 
 
 def test_run_folders_saved_before_a_new_key_keep_resuming():
-    """A config saved before ``students.transformer_layers_per_block`` existed hashes as the same run when the key
-    is unset (so its folder resumes), and as another run once it is set."""
+    """A config saved before ``students.transformer_layers_per_block`` (or ``students.depth``,
+    ``data.synth_samples``) existed hashes as the same run when the key has its default (so its folder resumes),
+    and as another run once it is set."""
     from o2mkd_ray.config.loading import from_dict
     from o2mkd_ray.distill.run_folder import run_hash
 
     now = from_dict({}).to_dict()
-    old = {**now, "students": {k: v for k, v in now["students"].items() if k != "transformer_layers_per_block"}}
+    new = {"students": ("transformer_layers_per_block", "depth"), "data": ("synth_samples",)}
+    old = {**now, **{sec: {k: v for k, v in now[sec].items() if k not in keys} for sec, keys in new.items()}}
     assert run_hash(old) == run_hash(now)
-    now["students"]["transformer_layers_per_block"] = [1, 1]
-    assert run_hash(old) != run_hash(now)
+    for section, key, value in (("students", "transformer_layers_per_block", [1, 1]), ("students", "depth", 0.5),
+                                ("data", "synth_samples", 8)):
+        changed = {**now, section: {**now[section], key: value}}
+        assert run_hash(old) != run_hash(changed), key
