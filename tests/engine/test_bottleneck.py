@@ -1,7 +1,8 @@
 """Is the teacher the bottleneck? ``report.json``'s ``bottleneck`` (engine/bottleneck.py): first the arithmetic on
 given counters, then two real runs on local Ray whose configs put the bottleneck on either side.
 
-The teacher made the bottleneck through config: a teacher 16x wider than the test's tiny one at 16x16, students an
+The teacher made the bottleneck through config: a teacher 24x wider than the test's tiny one at 16x16 (wide enough that the students' waits stay above half
+of their steps on a loaded machine too: at 16x the width a run under load measured 0.48), students an
 eighth of its width (a student step costs a small fraction of a teacher forward), three segments sharing one
 replica that runs one forward at a time and merges no requests (``teacher.max_batch`` = one request's samples). The teacher not the bottleneck: the same teacher, one segment whose
 student is as wide as the teacher (its step, forward and backward, costs several teacher forwards), so the
@@ -52,7 +53,7 @@ def wide_teacher_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
-                       block_out_channels=(64, 128), norm_num_groups=8, attention_head_dim=8,
+                       block_out_channels=(96, 192), norm_num_groups=8, attention_head_dim=8,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     path = tmp_path_factory.mktemp("wide") / "teacher"
     DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
@@ -75,7 +76,8 @@ def _run(wide_teacher_dir, tmp_path, capsys, *extra):
 def test_teacher_made_the_bottleneck_by_config_ends_the_run_with_advice(ray_local, wide_teacher_dir, tmp_path,
                                                                         capsys):
     report, last = _run(wide_teacher_dir, tmp_path, capsys, "segments.n=3", "students.width=0.125",
-                        "teacher.max_concurrency=1", "teacher.max_batch=16", "train.steps=20")
+                        "teacher.max_concurrency=1", "teacher.max_batch=16", "train.steps=12",
+                        "train.checkpoint_every=6")
     b = report["bottleneck"]
     assert b["teacher_bound"], b
     assert b["teacher_utilisation"] > 0.9 and b["teacher_wait_share"] > 0.5
@@ -87,7 +89,8 @@ def test_teacher_made_the_bottleneck_by_config_ends_the_run_with_advice(ray_loca
 @pytest.mark.ray
 @pytest.mark.slow
 def test_teacher_not_the_bottleneck_gives_no_advice(ray_local, wide_teacher_dir, tmp_path, capsys):
-    report, last = _run(wide_teacher_dir, tmp_path, capsys, "segments.n=1", "students.width=1.0", "train.steps=10")
+    report, last = _run(wide_teacher_dir, tmp_path, capsys, "segments.n=1", "students.width=1.0", "train.steps=8",
+                        "train.checkpoint_every=4")
     b = report["bottleneck"]
     assert not b["teacher_bound"] and b["advice"] is None, b
     assert b["teacher_wait_share"] < 0.5
