@@ -188,11 +188,16 @@ def read_results(path: Path) -> list[dict]:
 
 
 def append_result(path: Path, row: dict) -> None:
-    """Adds one line atomically: the file is either the old rows or the old rows plus this one."""
-    old = path.read_text() if path.is_file() else ""
-    if old and not old.endswith("\n"):
-        old = old.rsplit("\n", 1)[0] + "\n" if "\n" in old else ""
-    write_text(path, old + json.dumps(row, default=str) + "\n")
+    """Adds one line atomically (the file is either the old rows or the old rows plus this one), under a lock so
+    that several study processes on one machine (say, one per core, on different cells) can share the file."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = path.read_text() if path.is_file() else ""
+        if old and not old.endswith("\n"):
+            old = old.rsplit("\n", 1)[0] + "\n" if "\n" in old else ""
+        write_text(path, old + json.dumps(row, default=str) + "\n")
 
 
 def snr_boundaries(n: int, scheduler) -> list[int]:
@@ -382,7 +387,7 @@ def machine() -> str:
 
 
 def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: list[str] | None = None,
-             seeds: list[int] | None = None, log=print) -> dict:
+             seeds: list[int] | None = None, cells: list[str] | None = None, log=print) -> dict:
     """Runs every unfinished cell+seed of the selected part of the grid; returns ``{"ran": k, "skipped": m}``."""
     results = out / "results.jsonl"
     done = {r["key"] for r in read_results(results)}
@@ -395,6 +400,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: lis
             if teachers and teacher not in teachers:
                 continue
             for cell in q.cells:
+                if cells and cell.name not in cells:
+                    continue
                 if cell.blocked():
                     log(f"[{teacher}/{qname}/{cell.name}] skipped: {cell.blocked()}", flush=True)
                     continue
@@ -532,6 +539,8 @@ def not_run(qname: str, q: Question, teacher: str, done: set[str]) -> str:
                      f"{'no: ' + c.blocked() if c.blocked() else 'yes'} |")
     cmd = f"python benchmarks/fidelity_study.py --only {qname} --teacher {teacher}"
     head = "**Not run yet.**" if len(todo) == len(q.cells) else "Cells not run yet:"
+    if len(todo) < len(q.cells):
+        cmd += " --cells " + " ".join(c.name for c in todo)
     return f"{head} Command: `{cmd}`\n\n" + "\n".join(lines) + "\n"
 
 
@@ -583,12 +592,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="QUESTION", help="run only these questions")
     p.add_argument("--teacher", nargs="+", metavar="NAME", help="run only these teachers")
     p.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (default: the grid's)")
+    p.add_argument("--cells", nargs="+", metavar="CELL", help="run only these cells (e.g. one process per core)")
     p.add_argument("--doc", default=str(ROOT / "docs" / "fidelity.md"))
     p.add_argument("--plots", default=str(ROOT / "docs"), help="folder of the fidelity_*.png plots")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process (evaluation too)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from results.jsonl only")
     args = p.parse_args(argv)
 
     grid = load_grid(args.grid)  # a bad grid is one line before anything runs
+    import torch
+
+    torch.set_num_threads(args.threads)
     for name, known in (("--only", grid.questions), ("--teacher", grid.teachers)):
         bad = [v for v in (getattr(args, name[2:]) or []) if v not in known]
         if bad:
@@ -597,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.report_only:
-        stats = run_grid(grid, out, args.only, args.teacher, args.seeds)
+        stats = run_grid(grid, out, args.only, args.teacher, args.seeds, args.cells)
         print(f"ran {stats['ran']}, skipped {stats['skipped']} already in {out / 'results.jsonl'} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = read_results(out / "results.jsonl")
