@@ -386,6 +386,24 @@ def machine() -> str:
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
+def claim(folder: Path) -> bool:
+    """Marks run folder ``folder`` as this process's (``FOLDER.claim`` beside it: the engine wants the folder
+    itself empty) unless a live other process holds it: several study processes (one per core, same grid) then
+    share out the cells without running one twice. A best-effort guard for processes started by hand on one
+    machine, not a distributed lock."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    f = folder.parent / f"{folder.name}.claim"
+    try:
+        pid = int(f.read_text())
+        if pid != os.getpid():
+            os.kill(pid, 0)  # raises when that process is gone
+            return False
+    except (OSError, ValueError):
+        pass
+    write_text(f, str(os.getpid()))
+    return True
+
+
 def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: list[str] | None = None,
              seeds: list[int] | None = None, cells: list[str] | None = None, log=print) -> dict:
     """Runs every unfinished cell+seed of the selected part of the grid; returns ``{"ran": k, "skipped": m}``."""
@@ -407,8 +425,12 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: lis
                     continue
                 for seed in seeds if seeds is not None else grid.seeds:
                     key = row_key(teacher, qname, cell.name, seed)
+                    done |= {r["key"] for r in read_results(results)}  # other processes may have added some
                     if key in done:
                         stats["skipped"] += 1
+                        continue
+                    if not claim(out / teacher / qname / cell.name / f"seed{seed}"):
+                        log(f"[{key}] running in another process; left to it", flush=True)
                         continue
                     if teacher not in setups:
                         setups[teacher] = teacher_setup(grid, teacher, out)
@@ -461,11 +483,12 @@ def aggregate(rows: list[dict], teacher: str, qname: str, q: Question) -> list[d
 
 
 def table(aggs: list[dict]) -> str:
-    head = ["cell", "N", "steps/student", "student steps", "seeds", *[m[1] for m in METRICS], "MACs/teacher",
-            "train s", "eval s"]
+    head = ["cell", "N", "steps/student", "student steps", "width", "boundaries", "seeds", *[m[1] for m in METRICS],
+            "MACs/teacher", "train s", "eval s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in aggs:
-        vals = [f"`{a['cell']}`", str(a["n"]), str(a["steps"]), str(a["student_steps"]), str(len(a["seeds"])),
+        vals = [f"`{a['cell']}`", str(a["n"]), str(a["steps"]), str(a["student_steps"]), str(a["width"]),
+                str(a["boundaries"]), str(len(a["seeds"])),
                 *[fmt_ms(*a[m[0]]) for m in METRICS], f"{a['macs_ratio'][0]:.3g}",
                 f"{a['wall_train_s'][0]:.0f}", f"{a['wall_eval_s'][0]:.0f}"]
         lines.append("| " + " | ".join(vals) + " |")
