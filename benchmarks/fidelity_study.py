@@ -513,7 +513,7 @@ def compare_line(c: Compare, aggs: dict[str, dict]) -> str:
             verdict, wins[winner] = f"gap {gap:.2g} > spread {sa + sb:.2g}: clear", wins[winner] + 1
         else:
             verdict = f"gap {gap:.2g} ≤ spread {sa + sb:.2g}: within seed noise"
-        parts.append(f"{header}: `{winner}` better ({ma:.4g} vs {mb:.4g}; {verdict})")
+        parts.append(f"{header}: `{winner}` better (`{c.a}` {ma:.4g} vs `{c.b}` {mb:.4g}; {verdict})")
     tally = (f"`{c.a}` wins {wins[c.a]} and `{c.b}` wins {wins[c.b]} of {len(CONCLUDE)} measures beyond the "
              f"seed spread")
     return (f"- **{c.label}** — `{c.a}` ({a['n']} × {a['steps']} = {a['student_steps']} student steps) vs "
