@@ -30,6 +30,7 @@ from torch import nn
 
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.pipelines.routing import (
+    SegmentStudents,
     build_students,
     check_shared,
     class_name,
@@ -44,7 +45,7 @@ _SHARED_KEYS = ("in_channels", "out_channels", "sample_size", "patch_size", "joi
                 "pooled_projection_dim", "num_embeds_ada_norm")
 
 
-class MultiStudentTransformer(ModelMixin, ConfigMixin):
+class MultiStudentTransformer(SegmentStudents, ModelMixin, ConfigMixin):
     """K transformer students, student k used for timesteps in ``[b_k, b_{k+1})``.
 
     Args:
@@ -84,8 +85,8 @@ class MultiStudentTransformer(ModelMixin, ConfigMixin):
                                   "MultiStudentTransformer", "DiTTransformer2DModel")
         check_shared(students, _SHARED_KEYS, "MultiStudentTransformer")
         first = students[0]
-        params = inspect.signature(type(first).forward).parameters
-        if "timestep" not in params or "return_dict" not in params:
+        signature = inspect.signature(type(first).forward)
+        if "timestep" not in signature.parameters or "return_dict" not in signature.parameters:
             raise ValueError(f"MultiStudentTransformer: {type(first).__name__}.forward takes no `timestep` or "
                              "`return_dict`; students must be diffusers transformer denoisers")
         self.students = nn.ModuleList(students)
@@ -103,20 +104,8 @@ class MultiStudentTransformer(ModelMixin, ConfigMixin):
             num_embeds_ada_norm=first.config.get("num_embeds_ada_norm"),
         )
         self._segments = segments
-        self._signature = inspect.signature(type(first).forward)
-        self._sample_name = list(self._signature.parameters)[1]  # the latents' name (after self)
-
-    @property
-    def segments(self) -> Segments:
-        return self._segments
-
-    @property
-    def num_students(self) -> int:
-        return len(self.students)
-
-    def student(self, k: int) -> nn.Module:
-        """Returns student k (the model for segment k)."""
-        return self.students[k]
+        self._signature = signature
+        self._sample_name = list(signature.parameters)[1]  # the latents' name (after self)
 
     def forward(self, hidden_states: torch.Tensor, *args, return_dict: bool = True, **kwargs):
         """The prediction of the student owning each timestep, called with the students' own signature.

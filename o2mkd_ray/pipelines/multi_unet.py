@@ -23,6 +23,7 @@ from torch import nn
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.pipelines.acceleration import Acceleration, accelerate_students, to_layout
 from o2mkd_ray.pipelines.routing import (
+    SegmentStudents,
     build_students,
     check_shared,
     class_name,
@@ -37,7 +38,7 @@ _SHARED_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_di
                 "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
 
 
-class MultiStudentUNet(ModelMixin, ConfigMixin):
+class MultiStudentUNet(SegmentStudents, ModelMixin, ConfigMixin):
     """K students, student k used for timesteps in ``[b_k, b_{k+1})``.
 
     Args:
@@ -107,23 +108,11 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
         self._runners: list | None = None  # what forward calls per student; None: the students themselves
 
     @property
-    def segments(self) -> Segments:
-        return self._segments
-
-    @property
     def add_embedding(self) -> nn.Module | None:
         """The first student's added-conditioning embedding (SDXL's ``text_time``; None without one). All students
         take the same added conditioning (checked at construction); ``StableDiffusionXLPipeline`` reads
         ``unet.add_embedding.linear_1.in_features`` to check the size of its time ids."""
         return getattr(self.students[0], "add_embedding", None)
-
-    @property
-    def num_students(self) -> int:
-        return len(self.students)
-
-    def student(self, k: int) -> nn.Module:
-        """Returns student k (the model for segment k)."""
-        return self.students[k]
 
     def _each_student(self, method: str, *args, **kwargs) -> None:
         """Calls ``student.method(*args, **kwargs)`` on every student that has it (UNet2DModel lacks some)."""

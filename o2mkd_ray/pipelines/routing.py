@@ -20,6 +20,26 @@ from torch import nn
 from o2mkd_ray.core.segments import Segments
 
 
+class SegmentStudents:
+    """The accessors both multi-student models expose: their :class:`Segments` and student k. A mixin for a
+    ``ModelMixin`` that holds its students in ``self.students`` and its segments in ``self._segments``."""
+
+    students: nn.ModuleList
+    _segments: Segments
+
+    @property
+    def segments(self) -> Segments:
+        return self._segments
+
+    @property
+    def num_students(self) -> int:
+        return len(self.students)
+
+    def student(self, k: int) -> nn.Module:
+        """Returns student k (the model for segment k)."""
+        return self.students[k]
+
+
 def json_value(value):
     """Tuples as lists (what a JSON round trip gives back), other values as is."""
     return list(value) if isinstance(value, (list, tuple)) else value
