@@ -277,20 +277,23 @@ def test_driver_sigkilled_mid_run_every_unfinished_segment_resumes_from_its_last
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# one segment's Ray Train worker, SIGKILLed from outside
+# one segment's Ray Train worker SIGKILLed, then the teacher actor ray.kill-ed, both from outside, in one run
+# (two faults of different kinds in one run: each Ray run costs about a minute of worker start-up on 2 cores)
 
 
-def test_worker_sigkilled_mid_run_only_its_segment_resumes_from_its_checkpoint(ray_local, tiny_overrides, tmp_path):
+def test_worker_sigkilled_and_teacher_killed_mid_run_only_that_segment_resumes(ray_local, tiny_overrides, tmp_path):
     """Segment 1's worker asks 0.3 CPU (the others 0.25): that is how the test tells it apart in Ray's state API.
-    Killed once segment 1 has a recorded checkpoint; Ray Train (``ray.max_failures`` 2) restarts that segment's
-    worker group from its latest checkpoint, the others go on untouched."""
+    Once segment 1 has a recorded checkpoint its worker is SIGKILLed; Ray Train (``ray.max_failures`` 2) restarts
+    that segment's worker group from its latest checkpoint. Right after, the teacher actor is ``ray.kill``-ed
+    (restartable): it comes back as a new process, and the segments whose workers were not killed go on through
+    it without restarting."""
     from o2mkd_ray.engine.driver import run_distillation, teacher_run_id
     from o2mkd_ray.engine.teacher_service import actor_names
 
     steps, every, victim_seg = 120, 10, 1
     cfg = _cfg(tiny_overrides, f"train.steps={steps}", f"train.checkpoint_every={every}",
                "ray.segment_overrides={'1': {cpus_per_worker: 0.3}}")
-    assert cfg.ray.max_failures >= 1
+    assert cfg.ray.max_failures >= 1 and cfg.teacher.max_restarts != 0
     out = tmp_path / "run"
     address = ray_local.get_runtime_context().gcs_address
     before = {a.actor_id for a in _train_workers(address)}
@@ -313,8 +316,20 @@ def test_worker_sigkilled_mid_run_only_its_segment_resumes_from_its_checkpoint(r
     os.kill(victim.pid, signal.SIGKILL)
     written_before = _written(out, victim_seg)  # the victim writes nothing more; its replacement is seconds away
     teacher = ray_local.get_actor(actor_names(teacher_run_id(out), 1)[0])
-    requests = ray_local.get(teacher.get_stats.remote())["by_client"][f"seg-{victim_seg:02d}"]
-    killed_at_step = requests - 1 - cfg.train.val_batches  # one teacher request per step (+1 prefetched)
+    old = ray_local.get(teacher.get_stats.remote())
+    killed_at_step = old["by_client"][f"seg-{victim_seg:02d}"] - 1 - cfg.train.val_batches  # 1 request per step
+
+    # the teacher, while segment 1 restarts and the others train
+    ray_local.kill(teacher, no_restart=False)
+    t_kill = time.time()
+    # ray.kill is asynchronous: a call right after it may still reach the old process; the restarted one answers
+    # with another pid (an actor that does not come back raises RayActorError here)
+    def restarted():
+        pid = ray_local.get(teacher.ready.remote())["pid"]
+        return pid if pid != old["pid"] else None
+
+    new_pid = _wait_for("the teacher actor restarted", restarted, run.is_alive)
+    t_back = time.time()
 
     report = run.value()
     segs = {s["index"]: s for s in report["segments"]}
@@ -327,64 +342,21 @@ def test_worker_sigkilled_mid_run_only_its_segment_resumes_from_its_checkpoint(r
     led = _ledger(out, victim_seg)
     new_pids = {r["pid"] for r in led if r["step"] > resumed and r["resumed_from"] == resumed}
     assert len(new_pids) == 1 and victim.pid not in new_pids  # reported again, by one new process
-    for k in (0, 2):  # the other segments never restarted: same process from first report to last
+    for k in (0, 2):  # the other segments never restarted: same process from first report to last, from step 0
         assert segs[k]["resumed_from"] == 0
         assert [m["step"] for m in hist[str(k)]] == list(range(every, steps + 1, every))
         assert len({r["pid"] for r in _ledger(out, k)}) == 1 and _ledger(out, k)[0]["pid"] in others.values()
+    for k in range(3):  # and every segment trained on after the teacher's kill
+        assert hist[str(k)][-1]["time"] > t_kill
     # Ray's own record: 4 worker actors in this run, the 0.3-CPU one killed and replaced, the others never replaced
     mine = [a for a in _train_workers(address) if a.actor_id not in before]
     assert sorted(round(_bundle_cpus(a), 2) for a in mine) == [0.25, 0.25, 0.3, 0.3], mine
     assert {a.actor_id for a in mine if _bundle_cpus(a) < 0.3} == set(others)
-    _assert_loadable(out)
-    print(f"worker kill: segment {victim_seg} killed at about step {killed_at_step}, recorded checkpoint then "
-          f"{recorded_at_kill}, resumed from {resumed} ({killed_at_step - resumed} steps redone)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the teacher actor, ray.kill-ed from outside (restartable)
-
-
-def test_teacher_actor_killed_mid_run_restarts_and_no_segment_restarts(ray_local, tiny_overrides, tmp_path):
-    from o2mkd_ray.engine.driver import run_distillation, teacher_run_id
-    from o2mkd_ray.engine.teacher_service import actor_names
-
-    steps, every = 120, 10
-    cfg = _cfg(tiny_overrides, f"train.steps={steps}", f"train.checkpoint_every={every}")
-    assert cfg.teacher.max_restarts != 0
-    out = tmp_path / "run"
-    name = actor_names(teacher_run_id(out), cfg.teacher.replicas)[0]
-    run = _Thread(lambda: run_distillation(cfg, out, progress=False))
-    run.start()
-
-    def moment():
-        if any(_recorded(out, k) is None or _finished(out, k) for k in range(3)):
-            return None
-        try:
-            return ray_local.get_actor(name)
-        except ValueError:
-            return None
-
-    teacher = _wait_for("a recorded checkpoint of every segment", moment, run.is_alive)
-    old = ray_local.get(teacher.get_stats.remote())
-    ray_local.kill(teacher, no_restart=False)
-    t_kill = time.time()
-    # ray.kill is asynchronous: a call right after it may still reach the old process; the restarted one answers
-    # with another pid (an actor that does not come back raises RayActorError here)
-    new_pid = _wait_for("the teacher actor restarted", lambda: (lambda pid: pid if pid != old["pid"] else None)(
-        ray_local.get(teacher.ready.remote())["pid"]), run.is_alive)
-    t_back = time.time()
-
-    report = run.value()
-    segs = {s["index"]: s for s in report["segments"]}
-    hist = json.loads((out / "history.json").read_text())
-    for k in range(3):  # no segment restarted: one worker process throughout, from step 0
-        assert segs[k]["steps"] == steps and segs[k]["resumed_from"] == 0
-        assert [m["step"] for m in hist[str(k)]] == list(range(every, steps + 1, every))
-        assert len({r["pid"] for r in _ledger(out, k)}) == 1
-        assert hist[str(k)][-1]["time"] > t_kill  # and each trained on after the kill
     t = report["teacher"]  # read from the restarted actor at the end: it served every segment to the end
     assert set(t["requests_by_segment"]) == {"seg-00", "seg-01", "seg-02"}
     assert all(n > 0 for n in t["requests_by_segment"].values())
     _assert_loadable(out)
-    print(f"teacher kill: pid {old['pid']} -> {new_pid}, back after {t_back - t_kill:.1f} s; requests before the "
-          f"kill {old['requests']}, after {t['requests']}")
+    print(f"worker kill: segment {victim_seg} killed at about step {killed_at_step}, recorded checkpoint then "
+          f"{recorded_at_kill}, resumed from {resumed} ({killed_at_step - resumed} steps redone); teacher kill: "
+          f"pid {old['pid']} -> {new_pid}, back after {t_back - t_kill:.1f} s; requests before the kill "
+          f"{old['requests']}, after {t['requests']}")
