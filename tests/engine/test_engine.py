@@ -1,7 +1,7 @@
 """The Ray engine for real: N=3 TorchTrainers on a local Ray, `ray job submit` to a real head.
 
 The evidence that segments train at the same time, that DDP ranks agree and that the teacher merges segments'
-requests is in test_concurrency.py; killed workers, teacher and driver are in test_outside_faults.py."""
+requests is checked on this module's one run below (the instruments themselves in test_concurrency.py); killed workers, teacher and driver are in test_outside_faults.py."""
 
 from __future__ import annotations
 
@@ -40,15 +40,17 @@ def mlflow_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_run(ray_local, tiny_teacher_dir, mlflow_url, tmp_path_factory):
-    """ONE real distillation (3 segments on local Ray, shared teacher actor, MLflow server, quick eval) that
-    several tests below inspect: Ray start-up dominates a tiny run here, so it is paid once."""
+    """ONE real distillation (3 segments on local Ray, segment 0 with 2 DDP workers, shared teacher actor, MLflow
+    server, quick eval) that several tests here and in test_concurrency.py inspect: Ray start-up dominates a tiny
+    run here, so it is paid once."""
     from o2mkd_ray.config.loading import load_config
     from o2mkd_ray.engine.driver import run_distillation
 
     cfg = load_config(ROOT / "pipelines" / "tiny.yaml", [
         f"teacher.pretrained={tiny_teacher_dir}", f"mlflow.tracking_uri={mlflow_url}", "mlflow.experiment=engine",
         "mlflow.timeout_s=30",  # a busy 2-core CI machine can make the one-worker server slow to answer
-        "train.steps=60", "train.checkpoint_every=20", "eval.num_images=8", "eval.steps=4"])
+        "train.steps=60", "train.checkpoint_every=10", "eval.num_images=8", "eval.steps=4",
+        "ray.segment_overrides={'0': {num_workers: 2}}"])
     out = tmp_path_factory.mktemp("engine") / "run"
     seen: list[tuple[int, int]] = []
     report = run_distillation(cfg, out, progress=False, on_progress=lambda k, m: seen.append((k, m["step"])))
@@ -71,7 +73,7 @@ def test_three_segments_train_concurrently_against_shared_teacher(ray_run):
     hist = json.loads((out / "history.json").read_text())
     for k in range(3):
         h = hist[str(k)]
-        assert [m["step"] for m in h] == [20, 40, 60]
+        assert [m["step"] for m in h] == [10, 20, 30, 40, 50, 60]
         assert h[-1]["val_loss"] < h[0]["val_loss"], (k, [m["val_loss"] for m in h])
     # the one teacher actor served all three segments
     t = report["teacher"]
@@ -80,7 +82,7 @@ def test_three_segments_train_concurrently_against_shared_teacher(ray_run):
     assert all(n >= 60 for n in t["requests_by_segment"].values())
     assert t["multi_client_forwards"] > 0 and t["busy_s"] > 0  # some forwards served several segments at once
     # live progress reached the driver for every segment and step
-    assert sorted(seen) == [(k, s) for k in range(3) for s in (20, 40, 60)]
+    assert sorted(seen) == [(k, s) for k in range(3) for s in range(10, 61, 10)]
 
     pipe = O2MKDPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -117,7 +119,7 @@ def test_run_is_tracked_on_a_real_mlflow_server(ray_run, mlflow_url):
     assert sorted(c.info.run_name for c in children) == ["seg-00", "seg-01", "seg-02"]
     for c in children:
         h = client.get_metric_history(c.info.run_id, "val_loss")
-        assert [m.step for m in sorted(h, key=lambda m: m.step)] == [20, 40, 60]
+        assert [m.step for m in sorted(h, key=lambda m: m.step)] == [10, 20, 30, 40, 50, 60]
         assert {"loss_out", "loss_feat", "lr", "samples_per_s", "teacher_latency_ms"} <= set(c.data.metrics)
     names = {a.path for a in client.list_artifacts(info["run_id"])}
     assert {"config.json", "report.json", "samples.png", "pipeline", "eval"} <= names, names
@@ -248,3 +250,78 @@ def test_ray_job_submit_against_a_real_head(tiny_teacher_dir, tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# concurrency, seen on the one run: reports interleave in time, DDP ranks agree, teacher forwards merge segments
+
+EVERY, STEPS = 10, 60  # the run's train.checkpoint_every and train.steps
+
+
+def _ranks(out: Path, k: int) -> dict[int, dict]:
+    return {int(p.stem.split("-")[1]): json.loads(p.read_text())
+            for p in (out / "ray" / f"seg-{k:02d}").glob("rank-*.json")}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_segments_step_reports_interleave_in_time(ray_run):
+    out, _, _ = ray_run
+    hist = json.loads((out / "history.json").read_text())  # every report of every segment, each with its time
+    assert {k: [m["step"] for m in h] for k, h in hist.items()} == {
+        str(k): list(range(EVERY, STEPS + 1, EVERY)) for k in range(3)}
+    reports = sorted((m["time"], int(k)) for k, h in hist.items() for m in h)
+    seq = [k for _, k in reports]
+    # run one after another, the time-sorted segment ids would form 3 contiguous blocks: 2 switches
+    switches = sum(a != b for a, b in zip(seq, seq[1:]))
+    assert switches > len(hist) - 1, seq
+    # and each pair of segments alternates: a report of one between two reports of the other, both ways
+    for a in range(3):
+        for b in range(3):
+            if a != b:
+                ta, tb = [t for t, k in reports if k == a], [t for t, k in reports if k == b]
+                assert any(ta[0] < x < ta[-1] for x in tb), (a, b, seq)
+    # the training windows [first report, last report] of all segments overlap
+    assert max(h[0]["time"] for h in hist.values()) < min(h[-1]["time"] for h in hist.values())
+    print(f"report order by time: {''.join(map(str, seq))} ({switches} switches)")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ddp_segment_ranks_report_world_size_two_and_equal_weights(ray_run):
+    from diffusers import UNet2DModel
+
+    from o2mkd_ray.engine.train_loop import param_digest
+
+    out, _, _ = ray_run
+    ranks = _ranks(out, 0)
+    assert sorted(ranks) == [0, 1]
+    steps = list(range(EVERY, STEPS + 1, EVERY))
+    for r, led in ranks.items():
+        assert led["rank"] == r and led["world_size"] == 2
+        assert [m["step"] for m in led["reports"]] == steps
+    r0, r1 = ranks[0]["reports"], ranks[1]["reports"]
+    assert {m["pid"] for m in r0}.isdisjoint({m["pid"] for m in r1})  # two processes
+    for m0, m1 in zip(r0, r1):  # the same weights on both ranks after every reported step
+        assert m0["param_digest"] == m1["param_digest"], (m0, m1)
+    assert len({m["param_digest"] for m in r0}) == len(steps)  # and they change: training moves them
+    # the digest is of the weights rank 0 checkpointed: the final checkpoint's student has it
+    final = max((d for d in (out / "ray" / "seg-00").glob("checkpoint_*") if d.is_dir()),
+                key=lambda d: json.loads((d / "manifest.json").read_text())["step"])
+    assert json.loads((final / "manifest.json").read_text())["step"] == steps[-1]
+    assert param_digest(UNet2DModel.from_pretrained(final / "student")) == r1[-1]["param_digest"]
+    for k in (1, 2):  # one worker each
+        assert sorted(_ranks(out, k)) == [0] and _ranks(out, k)[0]["world_size"] == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_teacher_forwards_merge_requests_of_several_segments(ray_run):
+    out, report, _ = ray_run
+    t = report["teacher"]
+    assert t["mode"] == "actor" and t["replicas"] == 1
+    assert set(t["requests_by_segment"]) == {"seg-00", "seg-01", "seg-02"}
+    assert t["multi_client_forwards"] > 0, t
+    assert json.loads((out / "report.json").read_text())["teacher"]["multi_client_forwards"] == \
+        t["multi_client_forwards"]
+    print(f"teacher: {t['forwards']} forwards, {t['multi_client_forwards']} merged requests of several segments")
