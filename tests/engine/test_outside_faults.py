@@ -192,7 +192,7 @@ def test_driver_sigkilled_mid_run_every_unfinished_segment_resumes_from_its_last
     waits for segment 0 to finish, SIGKILLs the driver, lets Ray's processes run down (the frozen workers thawed),
     removes what is left of that Ray, and runs the same command again: 1 and 2 must resume from their own last
     checkpoints, 0 must not train again."""
-    out, steps, every = tmp_path / "run", 200, 10
+    out, steps, every = tmp_path / "run", 120, 10
     done, unfinished = [0], [1, 2]
     args = ["distill", str(TINY), "--out", str(out), "--no-eval", *[a for o in tiny_overrides for a in ("--set", o)],
             "--set", f"train.steps={steps}", "--set", f"train.checkpoint_every={every}"]
