@@ -32,10 +32,30 @@ def hookable_blocks(model: nn.Module) -> list[str]:
     return names
 
 
+def statistics_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks whose output activations describe a denoiser's features along t, in forward order.
+
+    A UNet's :func:`hookable_blocks`; for a transformer denoiser (DiT, SD3's MMDiT: a ``transformer_blocks``
+    ``ModuleList``) every transformer block, ``["transformer_blocks.0", ...]``. (Feature KD does not use the
+    transformer blocks: a student of a smaller depth has fewer of them, so there is no block-to-block match.)
+    """
+    names = hookable_blocks(model)
+    blocks = getattr(model, "transformer_blocks", None)
+    if not names and isinstance(blocks, nn.ModuleList):
+        names = [f"transformer_blocks.{i}" for i in range(len(blocks))]
+    return names
+
+
+# blocks that return a tuple whose image stream is not element 0: SD3's joint blocks return
+# (encoder_hidden_states, hidden_states), the text stream first
+_IMAGE_STREAM_INDEX = {"JointTransformerBlock": 1}
+
+
 class FeatureHooks:
     """Forward hooks that keep the output of named blocks in ``.features`` (a context manager).
 
-    Down blocks return ``(hidden_states, res_samples)``; element 0 (the block's output) is kept.
+    Down blocks return ``(hidden_states, res_samples)``; element 0 (the block's output) is kept. SD3's joint
+    transformer blocks return ``(encoder_hidden_states, hidden_states)``; the image stream (element 1) is kept.
 
     Example::
 
@@ -63,11 +83,12 @@ class FeatureHooks:
                 raise ValueError(
                     f"FeatureHooks: {type(model).__name__} has no block {name!r}; hookable: {hookable_blocks(model)}"
                 ) from None
-            self._handles.append(module.register_forward_hook(self._hook(name, detach)))
+            index = _IMAGE_STREAM_INDEX.get(type(module).__name__, 0)
+            self._handles.append(module.register_forward_hook(self._hook(name, detach, index)))
 
-    def _hook(self, name: str, detach: bool):
+    def _hook(self, name: str, detach: bool, index: int = 0):
         def hook(module, args, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
+            out = output[index] if isinstance(output, (tuple, list)) else output
             self.features[name] = out.detach() if detach else out
 
         return hook

@@ -58,13 +58,13 @@ def timestep_grid(num_train_timesteps: int, num: int) -> list[int]:
 
 def _hooked_blocks(teacher: torch.nn.Module, blocks: Sequence[str] | None) -> list[str]:
     # the blocks to hook: the named ones (all of them must exist), else every hookable one
-    from o2mkd_ray.core.features import hookable_blocks
+    from o2mkd_ray.core.features import statistics_blocks
 
-    available = hookable_blocks(teacher)
+    available = statistics_blocks(teacher)
     blocks = list(blocks) if blocks else available
     if not blocks:
-        raise ConfigError(f"analysis: the teacher ({type(teacher).__name__}) has no hookable UNet blocks "
-                          "(down_blocks / mid_block / up_blocks); feature statistics need a UNet teacher")
+        raise ConfigError(f"analysis: the teacher ({type(teacher).__name__}) has no hookable blocks (a UNet's "
+                          "down_blocks / mid_block / up_blocks, or transformer_blocks); feature statistics need one")
     missing = [b for b in blocks if b not in available]
     if missing:
         raise ConfigError(f"analysis: teacher has no block(s) {missing}; available: {available}")
@@ -116,13 +116,14 @@ def teacher_feature_stats(teacher: torch.nn.Module, scheduler, dataset, timestep
     every t, so the rows differ only by ``x_t = add_noise(x_0, ε, t)``.
 
     Args:
-        teacher: the ε-network (a diffusers UNet: ``down_blocks``, ``mid_block``, ``up_blocks``).
+        teacher: the denoiser (a diffusers UNet, or a transformer with ``transformer_blocks`` such as DiT).
         scheduler: its training noise scheduler (``add_noise``).
         dataset: items ``(x_0,)`` with ``x_0: (C, H, W)``, or ``(x_0, cond)`` for a text-to-image teacher (the
             conditioning goes to the UNet through :func:`~o2mkd_ray.core.teacher.cond_kwargs`).
         timesteps: the grid of t.
         num_images: images drawn from the dataset (fixed generator; repeated if the dataset is smaller).
-        blocks: block names; None: every :func:`~o2mkd_ray.core.features.hookable_blocks` entry.
+        blocks: block names; None: every :func:`~o2mkd_ray.core.features.statistics_blocks` entry (a UNet's
+            blocks, or a transformer's ``transformer_blocks.i``).
         seed: generator seed for the images, the noise and the quantile subsets.
         batch_size: forward batch.
         quantiles: quantile levels (the box plot uses 5/25/50/75/95 %).

@@ -89,11 +89,14 @@ def objective_value(cfg: Config, out: str | Path, objective: str, teacher, sched
             (:func:`~o2mkd_ray.eval.metrics.trajectory_fidelity`); for text-to-image runs the pixel MSE of the
             evaluation ``o2mkd-ray eval`` runs (:func:`~o2mkd_ray.eval.evaluate.evaluate_run`: the teacher
             pipeline and the run's pipeline on the same ``images`` prompts, latents, guidance and sampler; its
-            report lands in ``out/eval/``).
+            report lands in ``out/eval/``), and likewise for class-conditional (DiT) runs, on held-out class
+            labels.
         samples: agreement draws; images, steps: fidelity's (default ``eval.num_images``, ``eval.steps``).
     Returns:
         ``quality`` and the objective's own numbers.
     """
+    from o2mkd_ray.config.checks import CLASS_KINDS
+    from o2mkd_ray.core.teacher import teacher_kind
     from o2mkd_ray.distill.run_folder import is_text_to_image, run_dataset
     from o2mkd_ray.eval.metrics import teacher_agreement
 
@@ -109,7 +112,7 @@ def objective_value(cfg: Config, out: str | Path, objective: str, teacher, sched
     if objective != "fidelity":
         raise ConfigError(f"search.objective: must be agreement or fidelity, got {objective!r}")
     images, steps = images or cfg.eval.num_images, steps or cfg.eval.steps
-    if is_text_to_image(cfg):
+    if is_text_to_image(cfg) or teacher_kind(cfg.teacher) in CLASS_KINDS:
         from o2mkd_ray.eval.evaluate import evaluate_run
 
         px = evaluate_run(out, images, steps, latency_repeats=0, device="cpu")["pixel"]

@@ -142,6 +142,34 @@ def test_local_dit_pipeline_as_an_mlflow_pyfunc_model_takes_a_class_label(dit_lo
         model.predict(None, {"num_images": [1], "steps": [2]})
 
 
+def test_tune_objectives_cost_and_the_analysis_proposal_take_a_dit_teacher(dit_local):
+    """What a Tune trial computes after its distillation (sampling cost, agreement and fidelity objectives), and
+    `analyze`'s feature statistics and boundary proposal, on a class-conditional transformer teacher: the
+    statistics hook its transformer blocks, the fidelity objective is the pixel error of `o2mkd-ray eval`'s
+    class-conditional evaluation."""
+    from o2mkd_ray.core.teacher import load_teacher, sample_shape
+    from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries
+    from o2mkd_ray.tune.trial import objective_value, sampling_cost
+
+    cfg, out, report = dit_local
+    teacher, scheduler = load_teacher(cfg.teacher)
+    cfg = cfg.model_copy(deep=True)
+    cfg.segments.boundaries = [s["boundaries"][0] for s in report["segments"]] + [1000]
+    cost = sampling_cost(cfg, teacher, sample_shape(teacher, cfg.data.channels, cfg.data.resolution),
+                         scheduler.config)
+    assert cost["cost"] == pytest.approx(report["macs_ratio_per_step"]) and 0 < cost["cost"] < 1
+    agreement = objective_value(cfg, out, "agreement", teacher, scheduler, samples=16)
+    fidelity = objective_value(cfg, out, "fidelity", teacher, scheduler, images=2, steps=2)
+    assert np.isfinite(agreement["quality"]) and agreement["quality"] > 0
+    assert fidelity["quality"] == fidelity["fidelity_mse"] > 0 and np.isfinite(fidelity["fidelity_psnr_db"])
+
+    stats = feature_stats(cfg, num_images=4, num_timesteps=8, out=out)  # the run's cached latents and labels
+    assert sorted(set(stats["block"])) == [f"transformer_blocks.{i}" for i in range(4)]
+    assert stats.groupby("block")["std"].nunique().min() == 8  # the activations move with t in every block
+    b = propose_boundaries(cfg, 3, stats=stats)
+    assert len(b) == 4 and b[0] == 0 and b[-1] == 1000 and b == sorted(set(b)), b
+
+
 # --------------------------------------------------------------------------------------------------- Ray engine
 @pytest.mark.ray
 def test_ray_dit_teacher_actor_serves_both_segments_with_class_labels(ray_local, tiny_dit_dir, tmp_path):
