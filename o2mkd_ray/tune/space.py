@@ -331,7 +331,8 @@ def check_space(space: SearchSpace, base: dict, T: int, samples: int = 32, seed:
 
 
 def check_students(space: SearchSpace, teacher, base: dict) -> None:
-    """Builds (on the meta device) a student for every width / layers value the space can give.
+    """Builds (on the meta device) a student for every width / layers value the space can give (a transformer
+    teacher's: every width, at the base config's ``students.depth``).
 
     Args:
         space: the parsed space; teacher: the loaded teacher; base: the config dict trials start from.
@@ -341,14 +342,19 @@ def check_students(space: SearchSpace, teacher, base: dict) -> None:
     import torch
 
     from o2mkd_ray.core.students import build_student
+    from o2mkd_ray.core.transformer_students import build_transformer_student, is_transformer
 
     st = from_dict(base).students
+    depth = 1.0 if st.depth is None else (st.depth if not isinstance(st.depth, list) else min(st.depth))
     for key in (k for k in PER_SEGMENT_KEYS if k in space.params):
         for v in space.params[key].values():
             width = v if key == "students.width" else (st.width if not isinstance(st.width, list) else st.width[0])
             layers = v if key == "students.layers_per_block" else None
             with torch.device("meta"):
                 try:
-                    build_student(teacher, width, layers, st.unet, "scratch")
+                    if is_transformer(teacher):
+                        build_transformer_student(teacher, depth, width, "scratch")
+                    else:
+                        build_student(teacher, width, layers, st.unet, "scratch")
                 except ConfigError as e:
                     raise ConfigError(f"space {space.source} {key}: value {v!r}: {e}") from None

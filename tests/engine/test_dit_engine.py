@@ -149,10 +149,13 @@ def test_tune_objectives_cost_and_the_analysis_proposal_take_a_dit_teacher(dit_l
     class-conditional evaluation."""
     from o2mkd_ray.core.teacher import load_teacher, sample_shape
     from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries
+    from o2mkd_ray.tune.space import check_students, parse_space
     from o2mkd_ray.tune.trial import objective_value, sampling_cost
 
     cfg, out, report = dit_local
     teacher, scheduler = load_teacher(cfg.teacher)
+    # the search's pre-flight builds a transformer student for every width the space can give
+    check_students(parse_space({"students.width": {"per_segment_choice": [0.25, 0.5, 1.0]}}), teacher, cfg.to_dict())
     cfg = cfg.model_copy(deep=True)
     cfg.segments.boundaries = [s["boundaries"][0] for s in report["segments"]] + [1000]
     cost = sampling_cost(cfg, teacher, sample_shape(teacher, cfg.data.channels, cfg.data.resolution),
