@@ -69,7 +69,9 @@ print(json.dumps({"wall_s": wall, "fit_s": fits, "actors": dict(classes)}))
 
 def bare_trainers(n: int) -> dict:
     """Wall time and actors of ``n`` bare TorchTrainers fitted side by side (see the module docstring)."""
-    r = subprocess.run([sys.executable, "-c", _TRAINERS, str(n)], check=True, capture_output=True, text=True)
+    env = {**os.environ, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # as the Ray engine sets it (engine/driver.py)
+    r = subprocess.run([sys.executable, "-c", _TRAINERS, str(n)], check=True, capture_output=True, text=True,
+                       env=env)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
