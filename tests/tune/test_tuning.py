@@ -532,12 +532,13 @@ def test_asha_stopped_trials_release_all_cluster_resources(ray_local, tiny_overr
         # many reports (every 5 of 60 steps): a stopped trial's trainers are still running when Tune stops it
         "budget": {"train.steps": 60, "train.checkpoint_every": 5, "ray.cpus_per_worker": 0.2,
                    "teacher.num_cpus": 0.1},
-        "search": {"algorithm": "random", "scheduler": "asha", "num_samples": 4, "grace_period": 5,
+        "search": {"algorithm": "random", "scheduler": "asha", "num_samples": 3, "grace_period": 5,
                    "reduction_factor": 4, "max_concurrent": 2, "eval_samples": 16, "seed": 0},
     }
     cfg = load_config(ROOT / "pipelines" / "tiny.yaml", [*tiny_overrides, "mlflow.enabled=false"])
     out = tmp_path / "out"
     df = run_tuning(cfg, space, out)
+    print(df[["trial_id", "n", "widths", "status", "steps"]].to_string())
     assert set(df["status"]) <= {"TERMINATED", "STOPPED"}, df.to_dict("records")
     stopped = df[df["status"] == "STOPPED"]
     assert len(stopped) >= 1, df[["trial_id", "status", "steps"]].to_dict("records")
