@@ -127,6 +127,7 @@ class SegmentDistiller:
                               {k: v.to(self.device) for k, v in feats_T.items()} if feats_T else None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_kd_grads()
         gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip or float("inf"))
         self.opt.step()
         self.lr_sched.step()
@@ -134,6 +135,27 @@ class SegmentDistiller:
         self.step += 1
         terms.update(lr=self.opt.param_groups[0]["lr"], grad_norm=float(gn))
         return terms
+
+    def _average_kd_grads(self) -> None:
+        """Averages the KD loss's own gradients (feature adapters) over the data-parallel ranks.
+
+        DDP (``wrap``) averages the student's gradients only; the adapters live outside it, so without this each
+        rank would step them on its own batch and they would drift apart (and rank 0's would be checkpointed).
+        """
+        dist = torch.distributed
+        if self.model is self.student or not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        grads = [p.grad for p in self.kd.parameters() if p.grad is not None]
+        if world < 2 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all of them
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     @property
     def ema(self) -> nn.Module:

@@ -5,7 +5,8 @@ It unpacks its config, builds the distiller, resumes from ``ray.train.get_checkp
 
 Every rank also records its reports in ``rank-R.json`` in its segment's Ray Train folder
 (``OUT/ray/seg-KK``, local storage only): ``rank``, ``world_size``, and per report ``step``, ``pid``, the Ray
-``node_id`` and ``node_ip`` it ran on, ``param_digest`` (:func:`param_digest` of the student) and, on a GPU,
+``node_id`` and ``node_ip`` it ran on, ``param_digest`` (:func:`param_digest` of the student), ``kd_digest`` (of
+the KD loss's feature adapters, which are averaged over the ranks beside DDP) and, on a GPU,
 ``gpu_peak_mb``. Only rank 0's metrics reach the driver, so this is where the other ranks of a data-parallel
 segment can be seen: the same digest on every rank at a step shows that the ranks hold the same weights.
 """
@@ -159,7 +160,7 @@ def _rank_ledger(rank: int, world: int) -> Callable[[dict], None] | None:
         pass
 
     def record(metrics: dict) -> None:
-        keys = ("step", "param_digest", "resumed_from", "time", "gpu_peak_mb")
+        keys = ("step", "param_digest", "kd_digest", "resumed_from", "time", "gpu_peak_mb")
         reports.append({key: metrics.get(key) for key in keys} | {"pid": os.getpid(), **where})
         try:
             write_json(path, {"rank": rank, "world_size": world, "reports": reports})
@@ -176,7 +177,8 @@ def _reporter(dist: SegmentDistiller, rank: int, world: int, queue,
     ``ledger`` (:func:`_rank_ledger`), then rank 0's metrics to the driver's progress queue (``queue``:
     a ``ray.util.queue.Queue``, or None)."""
     def report(metrics: dict) -> None:
-        mine = {**metrics, "rank": rank, "world_size": world, "param_digest": param_digest(dist.student)}
+        mine = {**metrics, "rank": rank, "world_size": world, "param_digest": param_digest(dist.student),
+                "kd_digest": param_digest(dist.kd)}  # the feature adapters, trained beside the student
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:

@@ -305,7 +305,9 @@ def test_ddp_segment_ranks_report_world_size_two_and_equal_weights(ray_run):
     assert {m["pid"] for m in r0}.isdisjoint({m["pid"] for m in r1})  # two processes
     for m0, m1 in zip(r0, r1):  # the same weights on both ranks after every reported step
         assert m0["param_digest"] == m1["param_digest"], (m0, m1)
+        assert m0["kd_digest"] == m1["kd_digest"], (m0, m1)  # the feature-KD adapters too (outside DDP)
     assert len({m["param_digest"] for m in r0}) == len(steps)  # and they change: training moves them
+    assert len({m["kd_digest"] for m in r0}) == len(steps)  # tiny.yaml: lambda_feat 0.1, adapters that train
     # the digest is of the weights rank 0 checkpointed: the final checkpoint's student has it
     final = max((d for d in (out / "ray" / "seg-00").glob("checkpoint_*") if d.is_dir()),
                 key=lambda d: json.loads((d / "manifest.json").read_text())["step"])
