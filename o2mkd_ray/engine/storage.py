@@ -49,6 +49,18 @@ def join_storage(base: str, *parts: str) -> str:
     return "/".join([head.rstrip("/"), *parts]) + sep + query
 
 
+# pyarrow filesystem type names -> URI schemes (a Ray Train checkpoint's path carries no scheme)
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train ``Checkpoint`` is, as a user would pass it on: the local path, or ``s3://bucket/...``
+    (``checkpoint.path`` alone drops the scheme of remote storage)."""
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    scheme = _SCHEMES.get(kind)
+    return f"{scheme}://{checkpoint.path}" if scheme else checkpoint.path
+
+
 def run_storage(cfg: Config, out: Path) -> str:
     """Where this run's trainers keep their checkpoints: ``OUT/ray``, or a folder of its own under
     ``ray.storage_path`` (``NAME-HASH``, the hash of the resolved ``--out``): several runs may share one storage

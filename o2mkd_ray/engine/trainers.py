@@ -134,7 +134,10 @@ def fit_segment(cfg: Config, k: int, loop_config: dict, storage: str, out: Path,
 
     workers = ledger_placement(storage, k) or ([{"rank": 0, **{key: run[key] for key in ("node_id", "node_ip")}}]
                                               if run.get("node_id") else [])
-    summary = segment_summary(k, segments, run, metrics, ckpt.path if ckpt else None, fit_started_at=t0,
+    from o2mkd_ray.engine.storage import checkpoint_uri
+
+    where = checkpoint_uri(ckpt) if ckpt else None
+    summary = segment_summary(k, segments, run, metrics, where, fit_started_at=t0,
                               fit_finished_at=time.time(), worker_entered_at=run.get("entered_at"),
                               train_s=run.get("train_s"), teacher_wait_share=run.get("teacher_wait_share"),
                               loop_started_at=run.get("loop_started_at"),

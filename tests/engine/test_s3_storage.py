@@ -275,7 +275,7 @@ def test_checkpoints_go_to_s3_and_a_sigkilled_driver_resumes_from_them(moto_s3, 
             continue
         assert at_kill[k] <= resumed < steps, (k, resumed, at_kill)  # nothing recorded at the kill was redone
         assert steps in in_bucket[k], (k, in_bucket[k])  # the rerun's checkpoints went to the bucket too
-        assert segs[k]["checkpoint"].startswith(f"{BUCKET}/{prefix}/seg-{k:02d}/checkpoint_"), segs[k]["checkpoint"]
+        assert segs[k]["checkpoint"].startswith(f"s3://{BUCKET}/{prefix}/seg-{k:02d}/checkpoint_"), segs[k]
     assert not (out / "ray").exists()
 
     from o2mkd_ray import O2MKDPipeline
