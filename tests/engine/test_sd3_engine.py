@@ -193,8 +193,8 @@ def test_local_sd3_students_learn_the_teacher_velocity(tiny_sd3_dir, prompts_fil
     from o2mkd_ray.pipelines.build import build_sd_pipeline, teacher_sd_pipeline
     from o2mkd_ray.tune.trial import objective_value
 
-    cfg = sd3_config(tiny_sd3_dir, prompts_file, "train.steps=30", "train.checkpoint_every=30", "train.lr=0.003",
-                     "train.warmup_steps=2", "sampling.steps=2", "sampling.num_images=1")
+    cfg = sd3_config(tiny_sd3_dir, prompts_file, "train.steps=30", "train.checkpoint_every=30",
+                     "train.lr=0.003", "train.warmup_steps=2", "sampling.steps=2", "sampling.num_images=1")
     run_local(cfg, tmp_path / "trained", progress=False)
     teacher, sched = load_teacher(cfg.teacher)
     untrained = tmp_path / "untrained"
@@ -211,5 +211,5 @@ def test_sd3_example_configs_pass_the_dry_run(name, tiny_sd3_dir, tmp_path):
     from o2mkd_ray.cli import main
 
     extra = ["--set", f"teacher.pretrained={tiny_sd3_dir}"] if name == "sd3_tiny" else []
-    assert main(["distill", str(ROOT / "pipelines" / f"{name}.yaml"), "--dry-run", "--out", str(tmp_path / "d"),
-                 *extra]) == 0
+    yaml = str(ROOT / "pipelines" / f"{name}.yaml")
+    assert main(["distill", yaml, "--dry-run", "--out", str(tmp_path / "d"), *extra]) == 0
