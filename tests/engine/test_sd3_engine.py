@@ -89,6 +89,22 @@ def test_flow_matching_training_inputs_of_a_segment(tiny_sd3_dir, prompts_file):
     torch.testing.assert_close(target, eps_back - x_0, rtol=1e-3, atol=1e-3)
 
 
+def test_tune_cost_counts_the_sd3_forward_report_json_counts(tiny_sd3_dir, prompts_file):
+    """Tune's cost of an SD3 config counts the transformer at the text length the run's report counts: 77 CLIP
+    tokens, then 256 T5 ones (the joint sequence encode_prompt gives, zeros without T5)."""
+    from o2mkd_ray.core.costs import forward_cost
+    from o2mkd_ray.core.teacher import load_teacher, sample_shape
+    from o2mkd_ray.tune.trial import sampling_cost, text_length
+
+    cfg = sd3_config(tiny_sd3_dir, prompts_file)
+    teacher, sched = load_teacher(cfg.teacher)
+    shape = sample_shape(teacher, 16, 8)
+    assert text_length(cfg) == 333
+    cost = sampling_cost(cfg, teacher, shape, sched.config)
+    assert cost["teacher_macs"] == forward_cost(teacher, shape, 333)["macs"] != forward_cost(teacher, shape, 77)["macs"]
+    assert 0 < cost["cost"] < 1 and sum(cost["steps_per_student"]) == cfg.sampling.steps
+
+
 # ------------------------------------------------------------------------------- Ray engine, one run, shared
 @pytest.fixture(scope="module")
 def sd3_ray_run(ray_local, tiny_sd3_dir, prompts_file, tmp_path_factory):
