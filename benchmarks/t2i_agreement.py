@@ -1,12 +1,13 @@
 """Teacher agreement of distilled vs untrained students on tiny text-to-image teachers (SD 1.x-style ε, SD 2.x-style
-v-prediction, SDXL), through the local engine: does a short run teach the students the teacher's outputs under
-its captions?
+v-prediction, SDXL, SD3's flow-matching MMDiT), through the local engine: does a short run teach the students the
+teacher's outputs under its captions?
 
-    .venv/bin/python benchmarks/t2i_agreement.py [--steps 60] [--kinds sd sd-v sdxl]
+    .venv/bin/python benchmarks/t2i_agreement.py [--steps 60] [--kinds sd sd-v sdxl sd3]
 
-For each kind: a tiny random teacher folder built locally, students built as distill builds them (teacher-slice
-init, width 0.5, one ResNet pair per block, no mid block) and scored before training, then the same config
-distilled for ``--steps`` steps and scored again. Agreement = the tune objective ``agreement``: student-vs-teacher
+For each kind: a tiny random teacher folder built locally, students built as distill builds them (UNets:
+teacher-slice init, width 0.5, one ResNet pair per block, no mid block; SD3: pipelines/sd3_tiny.yaml's half-depth,
+half-head transformers, flow-matching training) and scored before training, then the same config distilled for
+``--steps`` steps and scored again. Agreement = the tune objective ``agreement``: student-vs-teacher
 output MSE over timesteps on the run's cached caption latents, each with its own caption's conditioning. The teacher
 is random: this shows the machinery learns the teacher, not image quality.
 """
@@ -35,9 +36,16 @@ def _overrides(folder: Path, prompts: Path, steps: int) -> list[str]:
             "eval.enabled=false"]
 
 
+def _sd3_overrides(folder: Path, prompts: Path, steps: int) -> list[str]:
+    return [f"teacher.pretrained={folder}", f"data.path={prompts}", "data.synth_steps=3",
+            "segments.boundaries=[0,500,1000]", "train.batch_size=8", f"train.steps={steps}",
+            f"train.checkpoint_every={max(1, steps // 2)}", "train.lr=0.001", "sampling.steps=3",
+            "sampling.num_images=2", "mlflow.enabled=false", "eval.enabled=false"]
+
+
 def measure(kind: str, steps: int, root: Path) -> dict:
     from o2mkd_ray.config.loading import load_config
-    from o2mkd_ray.core.fixtures import make_tiny_sd, make_tiny_sdxl
+    from o2mkd_ray.core.fixtures import make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
     from o2mkd_ray.core.students import build_students
     from o2mkd_ray.core.teacher import load_teacher
     from o2mkd_ray.engine.session import run_local
@@ -45,12 +53,15 @@ def measure(kind: str, steps: int, root: Path) -> dict:
     from o2mkd_ray.tune.trial import objective_value
 
     makers = {"sd": make_tiny_sd, "sd-v": partial(make_tiny_sd, prediction_type="v_prediction"),
-              "sdxl": make_tiny_sdxl}
+              "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3}
     folder = root / kind / "teacher"
     makers[kind](folder)
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    cfg = load_config(ROOT / "pipelines" / "tiny.yaml", _overrides(folder, prompts, steps))
+    if kind == "sd3":
+        cfg = load_config(ROOT / "pipelines" / "sd3_tiny.yaml", _sd3_overrides(folder, prompts, steps))
+    else:
+        cfg = load_config(ROOT / "pipelines" / "tiny.yaml", _overrides(folder, prompts, steps))
     teacher, sched = load_teacher(cfg.teacher)
     untrained = root / kind / "untrained"
     students = build_students(cfg, teacher, cfg.segments.n)
@@ -69,7 +80,7 @@ def measure(kind: str, steps: int, root: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--kinds", nargs="+", default=["sd", "sd-v", "sdxl"])
+    ap.add_argument("--kinds", nargs="+", default=["sd", "sd-v", "sdxl", "sd3"])
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     rows = []

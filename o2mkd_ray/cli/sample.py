@@ -11,7 +11,9 @@ PIPELINE_COMPONENTS = {"O2MKDPipeline": ("students", "scheduler"),
                        "O2MKDStableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer"),
                        "O2MKDStableDiffusionXLPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer",
                                                           "text_encoder_2", "tokenizer_2"),
-                       "O2MKDDiTPipeline": ("transformer", "scheduler", "vae")}
+                       "O2MKDDiTPipeline": ("transformer", "scheduler", "vae"),
+                       "O2MKDStableDiffusion3Pipeline": ("transformer", "scheduler", "vae", "text_encoder", "tokenizer",
+                                                         "text_encoder_2", "tokenizer_2")}
 
 
 def check_pipeline_dir(d: Path) -> dict:

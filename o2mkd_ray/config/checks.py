@@ -77,13 +77,17 @@ def check_segment_keys(keys: list[str], n: int) -> None:
 
 
 # teacher kinds conditioned on text: they distil on captions (data.kind=prompts) in latent space
-TEXT_TO_IMAGE_KINDS = ("stable_diffusion", "stable_diffusion_xl")
+TEXT_TO_IMAGE_KINDS = ("stable_diffusion", "stable_diffusion_xl", "sd3")
 
 
 # class-conditional teacher kinds: they distil on class-labelled latents (data.kind=classes)
 CLASS_KINDS = ("dit",)
 # every conditional teacher kind: its training data carries a condition per sample (cached once per run)
 CONDITIONAL_KINDS = TEXT_TO_IMAGE_KINDS + CLASS_KINDS
+# teacher kinds whose denoiser is a transformer (students shaped by students.depth / width, no UNet options)
+TRANSFORMER_KINDS = ("dit", "sd3")
+# flow-matching teacher kinds: continuous t = T * sigma, velocity targets, flow-matching sampling schedulers
+FLOW_KINDS = ("sd3",)
 
 
 def check_kinds(teacher_kind: str, data_kind: str) -> None:

@@ -41,8 +41,9 @@ class TeacherConfig(Section):
     # unet: an unconditional UNet2DModel; stable_diffusion: a text-to-image SD folder/id (UNet2DConditionModel +
     # vae/ text_encoder/ tokenizer/ scheduler/); stable_diffusion_xl: an SDXL folder/id (recognised so that it is
     # refused in one line: SDXL is not distilled yet); dit: a class-conditional DiT folder/id (DiTTransformer2DModel
-    # + vae/ scheduler/, DiTPipeline); auto: read it from a local folder (hub ids need it set)
-    kind: Literal["auto", "unet", "stable_diffusion", "stable_diffusion_xl", "dit"] = "auto"
+    # + vae/ scheduler/, DiTPipeline); sd3: a Stable Diffusion 3 folder/id (SD3Transformer2DModel, flow matching,
+    # StableDiffusion3Pipeline; T5 optional); auto: read it from a local folder (hub ids need it set)
+    kind: Literal["auto", "unet", "stable_diffusion", "stable_diffusion_xl", "dit", "sd3"] = "auto"
     subfolder: str | None = None  # e.g. "unet" when the folder is a whole pipeline
     factory: str | None = None  # "module:function" -> (model, scheduler)
     mode: Literal["actor", "local"] = "actor"
@@ -345,4 +346,6 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",  # flow-matching teachers (SD3)
+    "flow_heun": "FlowMatchHeunDiscreteScheduler",
 }

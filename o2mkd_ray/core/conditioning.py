@@ -1,5 +1,6 @@
 """Conditioning of conditional denoisers as one value: a tensor (SD 1.x/2.x text embeddings) or a flat dict of
-tensors (SDXL: text embeddings, pooled text embeddings, micro-conditioning time ids; DiT: class labels).
+tensors (SDXL: text embeddings, pooled text embeddings, micro-conditioning time ids; SD3: text embeddings and pooled
+projections; DiT: class labels).
 
 Everything between the data and the UNet (the teacher service's dynamic batching, condition dropout, held-out
 batches, the Ray object store) handles a condition through these few functions, so a teacher family with more
@@ -8,8 +9,9 @@ tensor belongs to sample ``i``.
 
 Names (the dataset's tuple order after ``x_0``): ``encoder_hidden_states`` ``(B, L, D)``, ``text_embeds``
 ``(B, P)`` (SDXL's pooled projection of its second text encoder), ``time_ids`` ``(B, 6)`` (SDXL's original size,
-crop offset and target size), ``class_labels`` ``(B,)`` integer (DiT's classes; its null class, the number of
-classes, is the unconditional one). A class-conditional dataset's items carry only the labels after ``x_0``.
+crop offset and target size), ``pooled_projections`` ``(B, P)`` (SD3's pooled CLIP embeddings, given to its
+MMDiT beside ``encoder_hidden_states``), ``class_labels`` ``(B,)`` integer (DiT's classes; its null class, the
+number of classes, is the unconditional one). A dataset's items carry one of :data:`ITEM_FORMS` after ``x_0``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-COND_NAMES = ("encoder_hidden_states", "text_embeds", "time_ids", "class_labels")
+COND_NAMES = ("encoder_hidden_states", "text_embeds", "time_ids", "pooled_projections", "class_labels")
+# The conditioning entries a dataset item carries after x_0, in order, by their number (SD 1.x/2.x: the text
+# embedding alone, or DiT's class label alone; SD3: text and pooled projections; SDXL: text, pooled, time ids)
+ITEM_FORMS = {2: ("encoder_hidden_states", "pooled_projections"),
+              3: ("encoder_hidden_states", "text_embeds", "time_ids")}
 ADDED = ("text_embeds", "time_ids")  # what diffusers' UNet2DConditionModel reads from ``added_cond_kwargs``
 
 Cond = Union[torch.Tensor, dict]
@@ -34,15 +40,26 @@ def as_dict(cond) -> dict | None:
     return {"encoder_hidden_states": cond}
 
 
+def item_names(cond: dict) -> tuple[str, ...]:
+    """The names of a condition's entries in dataset item order (:data:`ITEM_FORMS`)."""
+    for names in ITEM_FORMS.values():
+        if set(names) == set(cond):
+            return names
+    return tuple(n for n in COND_NAMES if n in cond)
+
+
 def from_items(items: tuple | list):
-    """The condition of a dataset batch's items after ``x_0`` (positional, :data:`COND_NAMES` order): a tensor
+    """The condition of a dataset batch's items after ``x_0`` (positional, :data:`ITEM_FORMS`): a tensor
     when there is only the text embedding (the SD 1.x form), ``{"class_labels": ...}`` when there is only an
     integer tensor (DiT's class labels), else a dict; None for no items."""
     if not items:
         return None
     if len(items) == 1:
         return items[0] if items[0].dtype.is_floating_point else {"class_labels": items[0]}
-    return dict(zip(COND_NAMES, items))
+    if len(items) not in ITEM_FORMS:
+        raise ValueError(f"a dataset item carries {len(items)} conditioning entries; known forms have "
+                         f"{sorted({1, *ITEM_FORMS})}")
+    return dict(zip(ITEM_FORMS[len(items)], items))
 
 
 def cond_map(cond, fn: Callable):
@@ -90,8 +107,8 @@ def cond_where(drop: torch.Tensor, uncond, cond):
 
 def cond_kwargs(cond, device=None, dtype: torch.dtype | None = None) -> dict:
     """The forward kwargs of a conditional denoiser (``encoder_hidden_states``, and ``added_cond_kwargs`` for
-    SDXL's ``text_embeds`` / ``time_ids``; DiT's integer ``class_labels``, never cast to ``dtype``); ``{}`` when
-    ``cond`` is None."""
+    SDXL's ``text_embeds`` / ``time_ids``, SD3's ``pooled_projections`` as its own keyword; DiT's integer
+    ``class_labels``, never cast to ``dtype``); ``{}`` when ``cond`` is None."""
     if cond is None:
         return {}
     d = as_dict(cond)
@@ -99,6 +116,8 @@ def cond_kwargs(cond, device=None, dtype: torch.dtype | None = None) -> dict:
         return {"class_labels": d["class_labels"].to(device=device)}
     move = lambda v: v.to(device=device, dtype=dtype if dtype is not None else v.dtype)  # noqa: E731
     kw = {"encoder_hidden_states": move(d["encoder_hidden_states"])}
+    if "pooled_projections" in d:
+        kw["pooled_projections"] = move(d["pooled_projections"])
     added = {k: move(d[k]) for k in ADDED if k in d}
     if added:
         kw["added_cond_kwargs"] = added
@@ -118,3 +137,14 @@ def to_torch(cond):
 def cond_batch(cond) -> int:
     """Batch size of a condition."""
     return int(next(iter(as_dict(cond).values())).shape[0])
+
+
+def call_denoiser(model, x_t: torch.Tensor, t: torch.Tensor, **kwargs):
+    """``model(x_t, t, **kwargs)``, with ``t`` by keyword (``timestep=``) for a denoiser whose forward takes the
+    text before the timestep (SD3's MMDiT: ``(hidden_states, encoder_hidden_states, pooled_projections,
+    timestep)``; a multi-student model of them, or either wrapped by DDP), positionally for every other one (UNets,
+    DiT, a factory's ``model(x, t)``)."""
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    if hasattr(cfg, "get") and cfg.get("joint_attention_dim") is not None:
+        return model(x_t, timestep=t, **kwargs)
+    return model(x_t, t, **kwargs)

@@ -113,20 +113,22 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], batch_size: int 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None,
                   batch_size: int = 16) -> torch.Tensor:
-    """Latents ``(N, C_lat, h, w)`` of images ``(N, 3, H, W)`` in [-1, 1]: a VAE posterior sample times
-    ``scaling_factor`` (what SD was trained on)."""
+    """Latents ``(N, C_lat, h, w)`` of images ``(N, 3, H, W)`` in [-1, 1]: a VAE posterior sample minus the VAE's
+    ``shift_factor`` (SD3's; 0 for SD and SDXL) times ``scaling_factor`` (what the denoiser was trained on)."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = []
     for i in range(0, images.shape[0], batch_size):
         dist = vae.encode(images[i:i + batch_size].to(device, dtype)).latent_dist
-        out.append((dist.sample(generator=generator) * vae.config.scaling_factor).float().cpu())
+        out.append(((dist.sample(generator=generator) - shift) * vae.config.scaling_factor).float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in [0, 1] from SD latents."""
+    """Images ``(N, 3, H, W)`` in [0, 1] from SD latents (SD3's: the VAE's ``shift_factor`` added back)."""
     p = next(vae.parameters())
-    x = vae.decode(latents.to(p.device, p.dtype) / vae.config.scaling_factor).sample
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    x = vae.decode(latents.to(p.device, p.dtype) / vae.config.scaling_factor + shift).sample
     return (x.float() / 2 + 0.5).clamp(0, 1).cpu()

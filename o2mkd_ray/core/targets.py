@@ -6,7 +6,8 @@ whatever it is; only the task loss needs the ground truth in that parameterisati
 
 * ``epsilon``: the noise ε added to x_0;
 * ``v_prediction``: v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 (Salimans & Ho 2022, as diffusers' ``get_velocity``);
-* ``sample``: x_0 itself.
+* ``sample``: x_0 itself;
+* flow matching (SD3, :class:`o2mkd_ray.core.flow_matching.FlowMatchTraining`): the velocity ε − x_0.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def task_target(scheduler, x_0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
     Returns:
         ``eps`` itself (ε-prediction), ``x_0`` itself (``sample``), or the velocity, shape of ``x_0``.
     """
+    if getattr(scheduler, "flow_matching", False):  # o2mkd_ray.core.flow_matching.FlowMatchTraining
+        return scheduler.velocity(x_0, eps)
     pred = prediction_type(scheduler)
     if pred == "epsilon":
         return eps

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from o2mkd_ray.config.checks import CLASS_KINDS, TEXT_TO_IMAGE_KINDS
+from o2mkd_ray.config.checks import CLASS_KINDS, FLOW_KINDS, TEXT_TO_IMAGE_KINDS, TRANSFORMER_KINDS
 from o2mkd_ray.config.schema import TeacherConfig
-from o2mkd_ray.core.conditioning import cond_kwargs, from_items
+from o2mkd_ray.core.conditioning import call_denoiser, cond_kwargs, from_items
 from o2mkd_ray.core.features import FeatureHooks, dummy_cond, hookable_blocks
 from o2mkd_ray.core.targets import check_prediction_type, prediction_type
 from o2mkd_ray.errors import ConfigError
@@ -29,12 +29,17 @@ def looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") != 1
 
 
-def _load_scheduler(path: str, subfolder: str | None):
-    from diffusers import DDPMScheduler
+def _load_scheduler(path: str, subfolder: str | None, flow: bool = False):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    # the training schedule (add_noise) is the same for DDPM/DDIM/...: read its config into a DDPMScheduler
+    from o2mkd_ray.core.flow_matching import FlowMatchTraining
+
+    # the training schedule (add_noise) is the same for DDPM/DDIM/...: read its config into a DDPMScheduler; a
+    # flow-matching teacher's into its FlowMatchEulerDiscreteScheduler, behind the same training interface
     for sub in ([subfolder] if subfolder else []) + ["scheduler", None]:
         try:
+            if flow:
+                return FlowMatchTraining(FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder=sub))
             return DDPMScheduler.from_pretrained(path, subfolder=sub)
         except (OSError, EnvironmentError, ValueError):
             continue
@@ -42,9 +47,9 @@ def _load_scheduler(path: str, subfolder: str | None):
 
 
 def teacher_kind(tcfg: TeacherConfig) -> str:
-    """``"unet"``, ``"stable_diffusion"``, ``"stable_diffusion_xl"`` or ``"dit"``: ``teacher.kind``, or read from
-    a local folder when it is ``auto`` (SDXL: a Stable Diffusion folder whose ``model_index.json`` names an SDXL
-    pipeline; DiT: a ``DiTPipeline`` folder)."""
+    """``"unet"``, ``"stable_diffusion"``, ``"stable_diffusion_xl"``, ``"dit"`` or ``"sd3"``: ``teacher.kind``, or
+    read from a local folder when it is ``auto`` (SDXL: a Stable Diffusion folder whose ``model_index.json`` names
+    an SDXL pipeline; DiT: a ``DiTPipeline`` folder; SD3: a ``StableDiffusion3Pipeline`` folder)."""
     if tcfg.kind != "auto":
         return tcfg.kind
     if tcfg.factory:
@@ -53,18 +58,24 @@ def teacher_kind(tcfg: TeacherConfig) -> str:
     from o2mkd_ray.core.sd import is_sd_folder, is_sdxl_folder
 
     spec = tcfg.pretrained or str(EMBEDDED_TEACHER)
+    from o2mkd_ray.core.sd3 import is_sd3_folder
+
     if looks_local(spec) and is_dit_folder(spec):
         return "dit"
+    if looks_local(spec) and is_sd3_folder(spec):
+        return "sd3"
     if not (looks_local(spec) and is_sd_folder(spec)):
         return "unet"
     return "stable_diffusion_xl" if is_sdxl_folder(spec) else "stable_diffusion"
 
 
 def _unet_class(spec: str, subfolder: str | None, kind: str):
-    from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
     if kind in CLASS_KINDS:
         return DiTTransformer2DModel
+    if kind == "sd3":
+        return SD3Transformer2DModel
     if kind in TEXT_TO_IMAGE_KINDS:
         return UNet2DConditionModel
     if looks_local(spec):
@@ -76,10 +87,10 @@ def _unet_class(spec: str, subfolder: str | None, kind: str):
 
 def _load_pretrained(spec: str, subfolder: str | None, kind: str = "unet"):
     local = looks_local(spec)
-    if kind in TEXT_TO_IMAGE_KINDS and subfolder is None:
-        subfolder = "unet"
-    if kind in CLASS_KINDS and subfolder is None:
+    if subfolder is None and kind in TRANSFORMER_KINDS:
         subfolder = "transformer"
+    if subfolder is None and kind in TEXT_TO_IMAGE_KINDS:
+        subfolder = "unet"
     if local:
         p = Path(spec).expanduser()
         if not p.is_dir():
@@ -96,7 +107,8 @@ def _load_pretrained(spec: str, subfolder: str | None, kind: str = "unet"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local else " (offline? download it and point teacher.pretrained at the local folder)"
         raise ConfigError(f"teacher.pretrained: could not load the denoiser from {spec!r}{where}: {first}") from None
-    scheduler = _load_scheduler(spec, None if subfolder in (None, "unet", "transformer") else subfolder)
+    scheduler = _load_scheduler(spec, None if subfolder in (None, "unet", "transformer") else subfolder,
+                                flow=kind in FLOW_KINDS)
     return model, scheduler
 
 
@@ -133,14 +145,16 @@ def load_teacher(tcfg: TeacherConfig):
             (``"module:function"`` returning ``(model, scheduler)``), or neither (the embedded digits teacher).
     Returns:
         ``(model, scheduler)``: model in eval mode with grads off; scheduler a diffusers scheduler with
-        ``add_noise`` and ``config.num_train_timesteps``.
+        ``add_noise`` and ``config.num_train_timesteps`` (a flow-matching teacher's: a
+        :class:`~o2mkd_ray.core.flow_matching.FlowMatchTraining` with the same interface).
     """
     if tcfg.factory:
         model, scheduler = load_factory(tcfg.factory)
     else:
         model, scheduler = _load_pretrained(tcfg.pretrained or str(EMBEDDED_TEACHER), tcfg.subfolder,
                                             teacher_kind(tcfg))
-    check_prediction_type(prediction_type(scheduler), tcfg.factory or tcfg.pretrained or str(EMBEDDED_TEACHER))
+    if not getattr(scheduler, "flow_matching", False):  # flow matching: velocity, whatever the config says
+        check_prediction_type(prediction_type(scheduler), tcfg.factory or tcfg.pretrained or str(EMBEDDED_TEACHER))
     model.eval().requires_grad_(False)
     return model, scheduler
 
@@ -195,7 +209,8 @@ class TeacherFn:
         if self.hooks is not None:
             self.hooks.clear()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            eps = eps_of(self.model(x_t.to(self.dtype) if self.dtype != torch.float32 else x_t, t, **kw)).float()
+            eps = eps_of(call_denoiser(self.model, x_t.to(self.dtype) if self.dtype != torch.float32 else x_t, t,
+                                       **kw)).float()
         feats = None
         if features and self.hooks is not None:
             feats = {k: v.float() for k, v in self.hooks.features.items()}

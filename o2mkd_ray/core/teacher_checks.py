@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from o2mkd_ray.config.checks import CLASS_KINDS, TEXT_TO_IMAGE_KINDS
+from o2mkd_ray.config.checks import CLASS_KINDS, FLOW_KINDS, TEXT_TO_IMAGE_KINDS, TRANSFORMER_KINDS
 from o2mkd_ray.config.schema import TeacherConfig
 from o2mkd_ray.core.kd import check_kd_method
 from o2mkd_ray.core.schedulers import check_scheduler_name
@@ -40,7 +40,7 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
             require_text_to_image_extra("teacher.kind")
         if tcfg.kind == "auto":
             raise ConfigError(f"teacher.kind: cannot tell what the hub model {spec!r} is before downloading it; set "
-                              "teacher.kind to unet, stable_diffusion, stable_diffusion_xl or dit")
+                              "teacher.kind to unet, stable_diffusion, stable_diffusion_xl, dit or sd3")
         return  # a hub id: checked when it is downloaded (no network access in preflight)
     p = Path(spec).expanduser()
     if not p.is_dir():
@@ -54,7 +54,12 @@ def check_teacher(tcfg: TeacherConfig, data=None, *, segments=None, students=Non
         from o2mkd_ray.core.sd import check_sd_folder, require_text_to_image_extra
 
         require_text_to_image_extra("teacher.kind")
-        check_sd_folder(p, xl=kind == "stable_diffusion_xl")
+        if kind == "sd3":
+            from o2mkd_ray.core.sd3 import check_sd3_folder
+
+            check_sd3_folder(p)
+        else:
+            check_sd_folder(p, xl=kind == "stable_diffusion_xl")
     if kind in CLASS_KINDS:
         from o2mkd_ray.core.dit import check_dit_folder
 
@@ -85,7 +90,7 @@ def _check_folder_teacher(tcfg: TeacherConfig, p: Path, sub: str, kind: str, dat
     cfg_file = p / sub / "config.json"
     ucfg = read_json_config(cfg_file, "teacher.pretrained")
     cls = ucfg.get("_class_name", "UNet2DModel")
-    want = ("DiTTransformer2DModel" if kind in CLASS_KINDS else
+    want = ("DiTTransformer2DModel" if kind in CLASS_KINDS else "SD3Transformer2DModel" if kind == "sd3" else
             "UNet2DConditionModel" if kind in TEXT_TO_IMAGE_KINDS else "UNet2DModel")
     if cls != want:
         raise ConfigError(f"teacher.pretrained: {str(cfg_file)!r} describes a {cls}; a {kind} teacher folder must "
@@ -100,7 +105,7 @@ def _check_folder_teacher(tcfg: TeacherConfig, p: Path, sub: str, kind: str, dat
     if kind == "unet":  # SD works in latent space: images are resized to what the VAE expects
         _check_shapes(ucfg, data)
     n = _check_segments(segments, scfg.get("num_train_timesteps", 1000))
-    if students is not None and n is not None and kind in CLASS_KINDS:
+    if students is not None and n is not None and kind in TRANSFORMER_KINDS:
         _check_transformer_students(students, n, ucfg)
     elif students is not None and n is not None:
         if students.depth is not None:
@@ -115,14 +120,27 @@ def check_run(cfg) -> None:
     check_scheduler_name(cfg.sampling.scheduler, "sampling.scheduler")
     check_kd_method(cfg.kd.feature_method)
     check_teacher(cfg.teacher, cfg.data, segments=cfg.segments, students=cfg.students)
-    if cfg.kd.lambda_feat > 0 and cfg.teacher.factory is None and teacher_kind(cfg.teacher) in CLASS_KINDS:
-        raise ConfigError("kd.lambda_feat: feature KD matches UNet blocks, which a DiT teacher does not have; set "
-                          "kd.lambda_feat=0 (output KD distils DiT students)")
+    kind = teacher_kind(cfg.teacher) if cfg.teacher.factory is None else "unet"
+    if cfg.kd.lambda_feat > 0 and kind in TRANSFORMER_KINDS:
+        family = "a DiT" if kind == "dit" else "an SD3"
+        raise ConfigError(f"kd.lambda_feat: feature KD matches UNet blocks, which {family} teacher does not have; set "
+                          "kd.lambda_feat=0 (output KD distils transformer students)")
+    if kind in FLOW_KINDS:
+        _check_flow_sampler(cfg.sampling.scheduler)
     if cfg.data.kind == "classes" and cfg.data.path and teacher_kind(cfg.teacher) in CLASS_KINDS:
         _check_class_folder(cfg)
     if cfg.eval.clip_model is not None and not Path(cfg.eval.clip_model).expanduser().is_dir():
         raise ConfigError(f"eval.clip_model: folder {cfg.eval.clip_model!r} does not exist; give a local CLIP "
                           "model folder (CLIPModel + processor) or remove it")
+
+
+def _check_flow_sampler(name: str) -> None:
+    """A flow-matching teacher samples with a flow-matching scheduler (its students' pipeline and samples.png)."""
+    from o2mkd_ray.config.schema import SCHEDULERS
+
+    if not SCHEDULERS.get(name.lower(), name).startswith("FlowMatch"):
+        raise ConfigError(f"sampling.scheduler: {name!r} is not a flow-matching scheduler; an SD3 teacher samples "
+                          "with flow_euler (FlowMatchEulerDiscreteScheduler) or flow_heun")
 
 
 def _check_class_folder(cfg) -> None:
@@ -196,7 +214,8 @@ def _check_segments(segments, T) -> int | None:
 
 
 def _check_transformer_students(st, n: int, tcfg: dict) -> None:
-    """Every segment's DiT student config (depth and heads kept) is valid: derived from the teacher's config only."""
+    """Every segment's transformer student config (DiT, SD3: depth and heads kept) is valid: derived from the
+    teacher's config only."""
     from o2mkd_ray.core.students import per_segment_values
     from o2mkd_ray.core.transformer_students import transformer_student_config
 
@@ -206,7 +225,8 @@ def _check_transformer_students(st, n: int, tcfg: dict) -> None:
             raise ConfigError(f"{key}: a UNet option; a DiT teacher's students are shaped by students.depth and "
                               "students.width, remove it")
     if st.drop_mid_block:
-        raise ConfigError("students.drop_mid_block: a UNet option; a DiT teacher has no mid block, remove it")
+        raise ConfigError("students.drop_mid_block: a UNet option; a transformer teacher (DiT, SD3) has no mid "
+                          "block, remove it")
     depths = per_segment_values(1.0 if st.depth is None else st.depth, n, "students.depth")
     for d, w in zip(depths, per_segment_values(st.width, n, "students.width")):
         transformer_student_config(tcfg, d, w)

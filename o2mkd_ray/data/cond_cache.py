@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from o2mkd_ray.core.atomic import replace_file
-from o2mkd_ray.core.conditioning import COND_NAMES, as_dict, cond_batch, cond_cat, cond_map, cond_slice
+from o2mkd_ray.core.conditioning import as_dict, cond_batch, cond_cat, cond_map, cond_slice, item_names
 from o2mkd_ray.core.sd import encode_images, encode_prompts, load_sd_components, vae_scale_factor
 from o2mkd_ray.errors import ConfigError
 
@@ -29,10 +29,11 @@ def cond_cache_key(cfg) -> str:
 @torch.no_grad()
 def synthesize_latents(teacher, scheduler_config, cond, uncond, shape, steps: int, guidance: float, seed: int,
                        batch_size: int = 16) -> torch.Tensor:
-    """Data-free x_0: the teacher's own samples for each caption (DDIM, classifier-free guidance), in latent space.
+    """Data-free x_0: the teacher's own samples for each caption (DDIM, or the flow-matching Euler sampler of a
+    flow-matching teacher; classifier-free guidance), in latent space.
 
-    The DDIM scheduler is built from ``scheduler_config``, so it reads the teacher's output as the config's
-    ``prediction_type`` says (ε, v or x_0); guidance mixes raw outputs, which is linear in any of them, as
+    The scheduler is built from ``scheduler_config``, so it reads the teacher's output as the config's
+    ``prediction_type`` says (ε, v or x_0; a velocity for flow matching); guidance mixes raw outputs, which is linear in any of them, as
     diffusers' ``StableDiffusionPipeline`` does.
 
     Args:
@@ -44,22 +45,23 @@ def synthesize_latents(teacher, scheduler_config, cond, uncond, shape, steps: in
     Returns:
         ``(N, C, h, w)`` latents.
     """
-    from diffusers import DDIMScheduler
+    from o2mkd_ray.core.flow_matching import synthesis_scheduler
 
-    sched = DDIMScheduler.from_config(scheduler_config)
+    sched = synthesis_scheduler(scheduler_config)
+    flow = not hasattr(sched, "alphas_cumprod")  # flow matching: the transformer takes float t = T * sigma
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, cond_batch(cond), batch_size):
         c = cond_slice(cond, i, i + batch_size)
         b = cond_batch(c)
-        x = torch.randn((b, *shape), generator=g) * sched.init_noise_sigma
+        x = torch.randn((b, *shape), generator=g) * getattr(sched, "init_noise_sigma", 1.0)  # flow matching: 1
         sched.set_timesteps(steps)
         if guidance > 1:
             c = cond_cat([cond_map(uncond, lambda u, b=b: u.expand(b, *u.shape[1:])), c])
         for t in sched.timesteps:
             x_in = torch.cat([x, x]) if guidance > 1 else x
-            eps, _ = teacher(sched.scale_model_input(x_in, t), torch.full((x_in.shape[0],), int(t)), features=False,
-                             cond=c)
+            t_b = torch.full((x_in.shape[0],), float(t) if flow else int(t))
+            eps, _ = teacher(x_in if flow else sched.scale_model_input(x_in, t), t_b, features=False, cond=c)
             if guidance > 1:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
@@ -75,15 +77,27 @@ def synthesize_latents(teacher, scheduler_config, cond, uncond, shape, steps: in
 ARRAYS = {"embeds": ("cond", "encoder_hidden_states"), "pooled": ("cond", "text_embeds"),
           "time_ids": ("cond", "time_ids"), "uncond": ("uncond", "encoder_hidden_states"),
           "uncond_pooled": ("uncond", "text_embeds"), "uncond_time_ids": ("uncond", "time_ids"),
+          "pooled_projections": ("cond", "pooled_projections"),
+          "uncond_pooled_projections": ("uncond", "pooled_projections"),
           "class_labels": ("cond", "class_labels"), "uncond_class_labels": ("uncond", "class_labels")}
 
 
-def _encode_captions(cfg, prompts: list[str], size: int, device):
+def _encode_captions(cfg, prompts: list[str], size: int, device, denoiser=None):
     """``(cond, uncond, vae)``: the captions' and the empty prompt's conditions as the teacher's pipeline builds
-    them (SD: a text embedding tensor; SDXL: a dict with pooled embeddings and time ids), and the teacher's VAE."""
+    them (SD: a text embedding tensor; SDXL: a dict with pooled embeddings and time ids; SD3: a dict with pooled
+    projections, its pipeline built around the loaded ``denoiser``), and the teacher's VAE."""
     from o2mkd_ray.core.teacher import teacher_kind
 
     spec = cfg.teacher.pretrained
+    if teacher_kind(cfg.teacher) == "sd3":
+        from o2mkd_ray.core.sd3 import encode_sd3_prompts, load_sd3_components
+
+        pipe = load_sd3_components(spec, denoiser)
+        for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if enc is not None:
+                enc.to(device)
+        cond, uncond = encode_sd3_prompts(pipe, prompts)
+        return cond, uncond, pipe.vae
     if teacher_kind(cfg.teacher) == "stable_diffusion_xl":
         from o2mkd_ray.core.sdxl import encode_sdxl_prompts, load_sdxl_components
 
@@ -132,7 +146,7 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
     teacher's text encoder(s), exactly as its pipeline encodes prompts (SDXL: both encoders, the pooled embedding
     and the micro-conditioning time ids for the teacher's resolution). With images, x_0 are VAE latents of the
     images (resized to the teacher's resolution); without, the teacher samples one latent per caption
-    (``data.synth_steps`` DDIM steps, guidance ``data.synth_guidance``).
+    (``data.synth_steps`` DDIM steps, flow-matching Euler ones for SD3; guidance ``data.synth_guidance``).
 
     Args:
         teacher_unet: the teacher UNet2DConditionModel (its latent shape; samples in-process if ``teacher`` is None).
@@ -147,6 +161,7 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
 
     from safetensors.torch import save_file
 
+    from o2mkd_ray.core.flow_matching import synthesis_scheduler
     from o2mkd_ray.data.captions import read_captions
 
     key = cond_cache_key(cfg)
@@ -162,14 +177,15 @@ def build_cond_data(cfg, teacher_unet, scheduler_config, teacher=None, cache_dir
     c = teacher_unet.config
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
     shape = (c.in_channels, size, size)
-    cond, uncond, vae = _encode_captions(cfg, prompts, size, device)
+    cond, uncond, vae = _encode_captions(cfg, prompts, size, device, teacher_unet)
     if "image" in df:
         latents = _encode_caption_images(list(df["image"]), vae.to(device), size, cfg.train.seed, log)
     else:
         from o2mkd_ray.core.teacher import TeacherFn
 
         log(f"text-to-image data: no images; sampling {len(prompts)} latents with the teacher "
-            f"({cfg.data.synth_steps} DDIM steps, guidance {cfg.data.synth_guidance})")
+            f"({cfg.data.synth_steps} {type(synthesis_scheduler(scheduler_config)).__name__} steps, guidance "
+            f"{cfg.data.synth_guidance})")
         latents = synthesize_latents(teacher or TeacherFn(teacher_unet, []), scheduler_config, cond, uncond, shape,
                                      cfg.data.synth_steps, cfg.data.synth_guidance, cfg.train.seed)
     out = {"latents": latents.float().contiguous(), **_arrays(cond, uncond)}
@@ -221,5 +237,5 @@ def cond_dataset(cond_data: dict):
 
     cond, uncond = conditions(cond_data)
     d = as_dict(cond)
-    data = TensorDataset(_view(cond_data["latents"]), *[d[n] for n in COND_NAMES if n in d])
+    data = TensorDataset(_view(cond_data["latents"]), *[d[n] for n in item_names(d)])
     return data, cond_map(uncond, lambda v: v.clone())

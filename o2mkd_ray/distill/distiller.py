@@ -13,8 +13,9 @@ from torch import nn
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_dir, write_json
-from o2mkd_ray.core.conditioning import cond_batch, cond_kwargs, cond_where
+from o2mkd_ray.core.conditioning import call_denoiser, cond_batch, cond_kwargs, cond_where
 from o2mkd_ray.core.features import FeatureHooks, hookable_blocks, probe_feature_channels
+from o2mkd_ray.core.flow_matching import draw_segment_t
 from o2mkd_ray.core.kd import KDLoss
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.targets import task_target
@@ -87,15 +88,18 @@ class SegmentDistiller:
 
     # ----------------------------------------------------------------------------------------------------------
     def make_inputs(self, x_0: torch.Tensor, generator: torch.Generator | None = None):
-        """``x_0: (B, C, H, W)`` → ``(x_t, t, target)`` with ``t`` uniform inside segment k.
+        """``x_0: (B, C, H, W)`` → ``(x_t, t, target)`` with ``t`` drawn inside segment k: uniform integers, or for
+        a flow-matching teacher (SD3) floats from its scheduler's shifted distribution restricted to the segment
+        (:func:`~o2mkd_ray.core.flow_matching.draw_segment_t`; ``x_t`` is then diffusers' ``scale_noise``).
 
         ``target`` is the task loss's ground truth in the teacher's parameterisation: the noise ε for ε-prediction,
-        the velocity for v-prediction, x_0 for ``sample`` (:func:`~o2mkd_ray.core.targets.task_target`).
+        the velocity for v-prediction (ε − x_0 for flow matching), x_0 for ``sample``
+        (:func:`~o2mkd_ray.core.targets.task_target`).
         """
         g = generator or self.gen
         if self.cfg.data.random_flip:
             x_0 = random_flip(x_0, g)
-        t = self.segments.sample_t(self.k, x_0.shape[0], generator=g)  # (B,)
+        t = draw_segment_t(self.scheduler, self.segments, self.k, x_0.shape[0], g)  # (B,)
         eps = torch.randn(x_0.shape, generator=g)  # (B, C, H, W)
         x_t = self.scheduler.add_noise(x_0, eps, t)
         return x_t, t, task_target(self.scheduler, x_0, eps, t)
@@ -109,7 +113,7 @@ class SegmentDistiller:
         return cond_where(drop, self.uncond, cond)
 
     def _forward(self, model: nn.Module, x_t, t, cond=None):
-        out = model(x_t.to(self.device), t.to(self.device), **cond_kwargs(cond, self.device))
+        out = call_denoiser(model, x_t.to(self.device), t.to(self.device), **cond_kwargs(cond, self.device))
         return out.sample if hasattr(out, "sample") else out
 
     def train_step(self, x_t, t, target, eps_T, feats_T=None, cond=None) -> dict[str, float]:
@@ -219,7 +223,7 @@ def fixed_val_batches(distiller: SegmentDistiller, dataset, teacher: TeacherCall
         items = [dataset[int(i)] for i in idx]
         x_0 = torch.stack([it[0] for it in items])
         cond = batch_cond(items)
-        t = distiller.segments.sample_t(distiller.k, batch_size, generator=g)
+        t = draw_segment_t(distiller.scheduler, distiller.segments, distiller.k, batch_size, g)
         eps = torch.randn(x_0.shape, generator=g)
         x_t = distiller.scheduler.add_noise(x_0, eps, t)
         eps_T, _ = teacher(x_t, t, features=False, **({} if cond is None else {"cond": cond}))

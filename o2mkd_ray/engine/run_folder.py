@@ -50,8 +50,8 @@ def finish_run(cfg: Config, out: Path, teacher, scheduler, segments: Segments, s
 
 def _assemble(cfg: Config, teacher, scheduler, segments: Segments, students: list, shape):
     """The run's O2MKD pipeline of the teacher's family, the writer of its ``samples.png`` (teacher vs students)
-    and the text length its costs count: unconditional, text-to-image (sharing the teacher's VAE, text encoder and
-    tokenizer) or DiT (sharing the teacher's VAE and class names)."""
+    and the text length its costs count: unconditional, text-to-image (SD, SDXL, SD3: sharing the teacher's VAE,
+    text encoder(s) and tokenizer(s)) or DiT (sharing the teacher's VAE and class names)."""
     from o2mkd_ray.core.schedulers import make_scheduler
     from o2mkd_ray.core.teacher import teacher_kind
     from o2mkd_ray.eval import sampling
@@ -62,10 +62,14 @@ def _assemble(cfg: Config, teacher, scheduler, segments: Segments, students: lis
         pipe = build.build_dit_pipeline(students, segments.boundaries, teacher_pipe, cfg.sampling.scheduler)
         return pipe, lambda path: sampling.write_dit_samples(cfg, teacher_pipe, pipe, path), 77
     if is_text_to_image(cfg):
+        from o2mkd_ray.core.sd3 import sd3_text_length
+
         teacher_pipe = build.teacher_sd_pipeline(cfg, teacher)
         pipe = build.build_sd_pipeline(students, segments.boundaries, teacher_pipe, cfg.sampling.scheduler)
+        seq_len = (sd3_text_length(teacher_pipe) if teacher_kind(cfg.teacher) == "sd3"
+                   else teacher_pipe.tokenizer.model_max_length)
         return (pipe, lambda path: sampling.write_sd_samples(cfg, teacher_pipe, pipe, sampling.sampling_prompts(cfg),
-                                                             path), teacher_pipe.tokenizer.model_max_length)
+                                                             path), seq_len)
     sampler = make_scheduler(cfg.sampling.scheduler, scheduler.config)
     pipe = build.build_pipeline(students, segments.boundaries, sampler, cfg.data.value_range)
     return pipe, lambda path: sampling.write_samples(cfg, teacher, pipe, scheduler.config, shape, path), 77

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from o2mkd_ray.core.conditioning import cond_kwargs
+from o2mkd_ray.core.conditioning import call_denoiser, cond_kwargs
 from o2mkd_ray.core.schedulers import make_scheduler
 from o2mkd_ray.core.segments import Segments
 from o2mkd_ray.core.targets import task_target
@@ -82,8 +82,8 @@ def teacher_agreement(multi, teacher_fn: Callable, scheduler, dataset, segments=
         t_b = t[s:s + batch_size]
         eps = torch.randn(x_0.shape, generator=g)
         x_t = scheduler.add_noise(x_0, eps, t_b)
-        eps_S = multi(x_t.to(p.device, p.dtype), t_b.to(p.device), **kw).sample.float().cpu()
-        eps_T = eps_of(teacher_fn(x_t.to(p.device), t_b.to(p.device), **kw)).float().cpu()
+        eps_S = call_denoiser(multi, x_t.to(p.device, p.dtype), t_b.to(p.device), **kw).sample.float().cpu()
+        eps_T = eps_of(call_denoiser(teacher_fn, x_t.to(p.device), t_b.to(p.device), **kw)).float().cpu()
         mse.append(((eps_S - eps_T) ** 2).flatten(1).mean(1))
         target = task_target(scheduler, x_0, eps, t_b)  # a learned-sigma output (DiT) carries it first
         task.append(((eps_T[:, :target.shape[1]] - target) ** 2).flatten(1).mean(1))

@@ -113,10 +113,15 @@ def write_sd_samples(cfg: Config, teacher_pipe, pipe, prompts: list[str], path) 
           "negative_prompt": sm.negative_prompt}
     t_img, s_img = sample_images(teacher_pipe, prompts, **kw), sample_images(pipe, prompts, **kw)
     mse = image_fidelity(t_img, s_img)["mse_mean"]
-    save_grid([t_img, s_img], ["teacher", f"O2MKD students (N={pipe.unet.num_students})"], path,
+    save_grid([t_img, s_img], ["teacher", f"O2MKD students (N={students_of(pipe).num_students})"], path,
               title=f"{sm.scheduler} {sm.steps} steps, guidance {sm.guidance_scale}, same noise; pixel MSE {mse:.4f}")
     return {"scheduler": sm.scheduler, "steps": sm.steps, "num_images": len(prompts), "prompts": prompts,
             "guidance_scale": sm.guidance_scale, "pixel_mse_vs_teacher": mse}
+
+
+def students_of(pipe):
+    """The multi-student model of an O2MKD pipeline (``unet``; ``transformer`` in the DiT and SD3 pipelines)."""
+    return getattr(pipe, getattr(pipe, "students_component", "unet"))
 
 
 def sampling_class_labels(cfg: Config, num_classes: int, n: int | None = None) -> list[int]:

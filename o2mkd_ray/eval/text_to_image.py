@@ -28,7 +28,7 @@ from o2mkd_ray.eval.measures import (
     sample_shape_of,
 )
 from o2mkd_ray.eval.report import finish_report, write_report
-from o2mkd_ray.eval.sampling import sample_images, sampling_state, save_grid, scheduler_copy
+from o2mkd_ray.eval.sampling import sample_images, sampling_state, save_grid, scheduler_copy, students_of
 
 __all__ = ["evaluate_sd", "evaluate_sd_run"]
 
@@ -54,8 +54,13 @@ def _checked_inputs(prompts, negative_prompt, clip_model, **ints: tuple[int, int
     return prompts, negative_prompt
 
 
+def _denoiser(teacher_pipe):
+    """The teacher pipeline's denoiser: its UNet, or SD3's transformer."""
+    return teacher_pipe.transformer if getattr(teacher_pipe, "transformer", None) is not None else teacher_pipe.unet
+
+
 def _latent_shape(teacher_pipe, student_pipe) -> tuple[int, int, int]:
-    t_lat, s_lat = sample_shape_of(teacher_pipe.unet.config), sample_shape_of(student_pipe.unet.config)
+    t_lat, s_lat = sample_shape_of(_denoiser(teacher_pipe).config), sample_shape_of(students_of(student_pipe).config)
     if t_lat != s_lat:
         raise ValueError(f"evaluate_sd: teacher latents {t_lat} and students' {s_lat} differ; they cannot share "
                          "initial noise")
@@ -110,15 +115,20 @@ def _save(out_dir, report: dict, t_img: np.ndarray, s_img: np.ndarray) -> None:
 
 
 def _cost(teacher_pipe, student_pipe, steps: int, passes: int) -> dict:
-    """:func:`~o2mkd_ray.eval.measures.cost_table` on the students' scheduler, text of the tokenizer's length."""
-    multi = student_pipe.unet
-    L = int(teacher_pipe.tokenizer.model_max_length)
-    D = int(teacher_pipe.unet.config.cross_attention_dim)  # SDXL: both text encoders' widths, concatenated
-    table = cost_table(teacher_pipe.unet, [multi.student(k) for k in range(multi.num_students)],
+    """:func:`~o2mkd_ray.eval.measures.cost_table` on the students' scheduler, text of the tokenizer's length
+    (SD3: the CLIP tokens, then the T5 ones, as its ``encode_prompt`` concatenates them)."""
+    from o2mkd_ray.core.sd3 import sd3_text_length
+
+    multi, teacher = students_of(student_pipe), _denoiser(teacher_pipe)
+    sd3 = teacher.config.get("joint_attention_dim") is not None
+    L = sd3_text_length(teacher_pipe) if sd3 else int(teacher_pipe.tokenizer.model_max_length)
+    # SDXL: both text encoders' widths, concatenated; SD3: the joint attention width
+    D = int(teacher.config.joint_attention_dim if sd3 else teacher.config.cross_attention_dim)
+    table = cost_table(teacher, [multi.student(k) for k in range(multi.num_students)],
                        multi.segments.boundaries, scheduler_timesteps(student_pipe.scheduler, steps),
-                       sample_shape_of(teacher_pipe.unet.config), steps=steps, passes=passes, seq_len=L)
-    note = ("macs_per_step: one UNet call at batch 1 with encoder_hidden_states (1, L, D); a run per image calls "
-            "the UNet once per scheduler timestep, on a batch of 2 with classifier-free guidance")
+                       sample_shape_of(teacher.config), steps=steps, passes=passes, seq_len=L)
+    note = ("macs_per_step: one denoiser call at batch 1 with encoder_hidden_states (1, L, D); a run per image "
+            "calls it once per scheduler timestep, on a batch of 2 with classifier-free guidance")
     return {**table, "note": note, "text_shape": [1, L, D]}
 
 
@@ -200,15 +210,15 @@ def evaluate_sd(teacher_pipe, student_pipe, prompts: list[str], *, steps: int = 
     fid = fid_section(fid_feature_space(fid_weights), {"teacher": t_img, "o2mkd": s_img}, [("o2mkd", "teacher")],
                       f"{n} O2MKD vs {n} teacher images (same prompts and latents); FID is biased upwards at "
                       "small N, KID is unbiased")
-    passes = guidance_passes(guidance_scale, student_pipe.unet.config)
+    passes = guidance_passes(guidance_scale, students_of(student_pipe).config)
     cost = _cost(teacher_pipe, student_pipe, steps, passes)
     clip = _clip(t_img, s_img, prompts, clip_model)
     sw.timings["total_s"] = sw.total()
     settings = {"num_prompts": n, "steps": steps, "guidance_scale": guidance_scale,
                 "classifier_free_guidance": passes == 2, "scheduler": type(student_pipe.scheduler).__name__,
                 "seed": seed, "negative_prompt": negative_prompt, "height": kw["height"], "width": kw["width"],
-                "batch_size": batch_size, "num_students": student_pipe.unet.num_students,
-                "boundaries": list(student_pipe.unet.config.boundaries), "prompts": prompts}
+                "batch_size": batch_size, "num_students": students_of(student_pipe).num_students,
+                "boundaries": list(students_of(student_pipe).config.boundaries), "prompts": prompts}
     report = _finished(settings, pixel, fid, cost, clip, lat, sw.timings)
     if out_dir is not None:
         _save(out_dir, report, t_img, s_img)
@@ -246,6 +256,6 @@ def evaluate_sd_run(out: Path, cfg, num_images: int, steps: int, *, latency_repe
                          clip_model=cfg.eval.clip_model, fid_weights=cfg.eval.fid_weights, out_dir=ev,
                          latency_repeats=latency_repeats)
     report = {k: v for k, v in report.items() if k not in ("teacher_images", "student_images")}
-    report.update(run=str(out), name=cfg.name, num_segments=pipe.unet.num_students,
-                  boundaries=list(pipe.unet.config.boundaries))
+    report.update(run=str(out), name=cfg.name, num_segments=students_of(pipe).num_students,
+                  boundaries=list(students_of(pipe).config.boundaries))
     return write_report(ev, report, report["files"])

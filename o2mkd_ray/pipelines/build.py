@@ -11,12 +11,12 @@ from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.schedulers import make_scheduler
 from o2mkd_ray.errors import ConfigError
 
-STUDENT_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+STUDENT_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel")
 
 
 def load_student(checkpoint_dir: str | Path, use_ema: bool = True) -> nn.Module:
-    """The (EMA) student saved in a segment checkpoint folder (a UNet2DModel, UNet2DConditionModel or
-    DiTTransformer2DModel)."""
+    """The (EMA) student saved in a segment checkpoint folder (a UNet2DModel, UNet2DConditionModel,
+    DiTTransformer2DModel or SD3Transformer2DModel)."""
     import json
 
     import diffusers
@@ -62,11 +62,16 @@ def build_pipeline(students: list[nn.Module], boundaries, scheduler, value_range
 
 
 def teacher_sd_pipeline(cfg: Config, unet: nn.Module | None = None):
-    """The text-to-image teacher as its diffusers pipeline (``StableDiffusionPipeline``, or
-    ``StableDiffusionXLPipeline`` for an SDXL teacher), its already loaded UNet reused when given."""
+    """The text-to-image teacher as its diffusers pipeline (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline`` for an SDXL teacher, ``StableDiffusion3Pipeline`` for SD3), its already loaded
+    denoiser (UNet, SD3's transformer) reused when given."""
     from o2mkd_ray.core.teacher import teacher_kind
 
     kw = {"unet": unet} if unet is not None else {}
+    if teacher_kind(cfg.teacher) == "sd3":
+        from o2mkd_ray.core.sd3 import teacher_sd3_pipeline
+
+        return teacher_sd3_pipeline(cfg.teacher.pretrained, unet)
     if teacher_kind(cfg.teacher) == "stable_diffusion_xl":
         from diffusers import StableDiffusionXLPipeline
 
@@ -81,12 +86,21 @@ def teacher_sd_pipeline(cfg: Config, unet: nn.Module | None = None):
 
 
 def build_sd_pipeline(students: list[nn.Module], boundaries, teacher_pipe, scheduler_name: str):
-    """The O2MKD text-to-image pipeline of the teacher's family (``O2MKDStableDiffusionPipeline`` or
-    ``O2MKDStableDiffusionXLPipeline``): the students routed by timestep, the teacher's VAE/text encoder(s)/
+    """The O2MKD text-to-image pipeline of the teacher's family (``O2MKDStableDiffusionPipeline``,
+    ``O2MKDStableDiffusionXLPipeline`` or ``O2MKDStableDiffusion3Pipeline``): the students routed by timestep (SD3:
+    a :class:`MultiStudentTransformer` on the flow-matching time axis), the teacher's VAE/text encoder(s)/
     tokenizer(s), a sampling scheduler on the teacher's own scheduler config."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
     from o2mkd_ray.pipelines.multi_unet import MultiStudentUNet
+
+    if isinstance(teacher_pipe, StableDiffusion3Pipeline):
+        from o2mkd_ray.pipelines.multi_transformer import MultiStudentTransformer
+        from o2mkd_ray.pipelines.stable_diffusion_3 import O2MKDStableDiffusion3Pipeline
+
+        multi = MultiStudentTransformer(students, boundaries=list(boundaries))
+        return O2MKDStableDiffusion3Pipeline.from_teacher(
+            teacher_pipe, multi, scheduler=make_scheduler(scheduler_name, teacher_pipe.scheduler.config))
 
     multi = MultiStudentUNet(students, boundaries=list(boundaries))
     sampler = make_scheduler(scheduler_name, teacher_pipe.scheduler.config)
@@ -122,6 +136,7 @@ PIPELINE_CLASSES = {
     "O2MKDStableDiffusionPipeline": ("o2mkd_ray.pipelines.stable_diffusion", "O2MKDStableDiffusionPipeline"),
     "O2MKDStableDiffusionXLPipeline": ("o2mkd_ray.pipelines.stable_diffusion_xl", "O2MKDStableDiffusionXLPipeline"),
     "O2MKDDiTPipeline": ("o2mkd_ray.pipelines.dit", "O2MKDDiTPipeline"),
+    "O2MKDStableDiffusion3Pipeline": ("o2mkd_ray.pipelines.stable_diffusion_3", "O2MKDStableDiffusion3Pipeline"),
 }
 
 

@@ -29,13 +29,19 @@ TRIAL_CPU = 0.01  # a trial's own actor; Tune rejects {"CPU": 0}, and the trial 
 
 def text_length(cfg: Config) -> int:
     """Text tokens of the conditional forward the cost counts: a text-to-image teacher's tokenizer length (what
-    ``report.json`` counts, from the teacher pipeline's tokenizer); 77 otherwise (unconditional UNets ignore it)."""
+    ``report.json`` counts, from the teacher pipeline's tokenizer; SD3: its CLIP tokens, then the T5 ones, as its
+    ``encode_prompt`` concatenates them); 77 otherwise (unconditional UNets ignore it)."""
+    from o2mkd_ray.core.teacher import teacher_kind
     from o2mkd_ray.distill.run_folder import is_text_to_image
 
     if not is_text_to_image(cfg):
         return 77
     from o2mkd_ray.core.sd import text_length as tokenizer_length
 
+    if teacher_kind(cfg.teacher) == "sd3":
+        from o2mkd_ray.core.sd3 import MAX_SEQUENCE_LENGTH
+
+        return tokenizer_length(cfg.teacher.pretrained) + MAX_SEQUENCE_LENGTH
     return tokenizer_length(cfg.teacher.pretrained)
 
 
