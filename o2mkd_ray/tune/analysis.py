@@ -30,7 +30,7 @@ import yaml
 
 from o2mkd_ray.config.schema import Config
 from o2mkd_ray.core.atomic import replace_file, write_text
-from o2mkd_ray.core.conditioning import cond_kwargs
+from o2mkd_ray.core.conditioning import call_denoiser, cond_kwargs
 from o2mkd_ray.core.teacher import batch_cond
 from o2mkd_ray.errors import ConfigError
 
@@ -89,8 +89,8 @@ def _activations(teacher, hooks, blocks: list[str], scheduler, items: list, eps,
         x0_b = torch.stack([it[0] for it in batch]).float()  # (B, C, H, W)
         t_b = torch.full((len(x0_b),), int(t), dtype=torch.long)
         hooks.clear()
-        teacher(scheduler.add_noise(x0_b, eps_b, t_b).to(p.device, p.dtype), t_b.to(p.device),
-                **cond_kwargs(batch_cond(batch), p.device, p.dtype))
+        call_denoiser(teacher, scheduler.add_noise(x0_b, eps_b, t_b).to(p.device, p.dtype), t_b.to(p.device),
+                      **cond_kwargs(batch_cond(batch), p.device, p.dtype))
         for b in blocks:
             acts[b].append(hooks.features[b].float().flatten().cpu())
     return {b: torch.cat(a).double() for b, a in acts.items()}

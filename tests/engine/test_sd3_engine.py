@@ -221,6 +221,24 @@ def test_local_sd3_students_learn_the_teacher_velocity(tiny_sd3_dir, prompts_fil
     after = objective_value(cfg, tmp_path / "trained", "agreement", teacher, sched, samples=48)["quality"]
     assert after < 0.8 * before, (before, after)
 
+    # analyze on the same caption latents: the joint blocks' image stream (element 1 of what they return; the last
+    # block returns no text stream at all) along the flow-matching t axis, and a boundary proposal from it
+    from o2mkd_ray.core.features import FeatureHooks
+    from o2mkd_ray.tune.analysis import feature_stats, propose_boundaries
+
+    c = teacher.config
+    with FeatureHooks(teacher, ["transformer_blocks.0"], detach=True) as hooks, torch.no_grad():
+        teacher(torch.randn(1, c.in_channels, c.sample_size, c.sample_size), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, 5, c.joint_attention_dim),
+                pooled_projections=torch.randn(1, c.pooled_projection_dim))
+    assert hooks.features["transformer_blocks.0"].shape == (1, (c.sample_size // c.patch_size) ** 2,
+                                                            c.num_attention_heads * c.attention_head_dim)
+    stats = feature_stats(cfg, num_images=4, num_timesteps=6, out=tmp_path / "trained")
+    assert sorted(set(stats["block"])) == [f"transformer_blocks.{i}" for i in range(c.num_layers)]
+    assert stats.groupby("block")["std"].nunique().min() == 6  # the activations move with t in every block
+    b = propose_boundaries(cfg, 3, stats=stats)
+    assert len(b) == 4 and b[0] == 0 and b[-1] == 1000 and b == sorted(set(b)), b
+
 
 @pytest.mark.parametrize("name", ["sd3_tiny", "sd3_medium"])
 def test_sd3_example_configs_pass_the_dry_run(name, tiny_sd3_dir, tmp_path):
