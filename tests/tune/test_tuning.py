@@ -111,7 +111,7 @@ def test_shipped_spaces_parse_and_resolve(tiny_overrides):
         check_space(sp, apply_budget(base, sp.budget), T, samples=64)
         check_space(sp, base, T, samples=64)
         assert sp.search["objective"] == "agreement" and sp.budget["train.steps"] == 200
-    sp = load_space(ROOT / "tune_spaces" / "dit_tiny.yaml")  # its samples resolve on any teacher's T
+    sp = load_space(ROOT / "tune_spaces" / "transformer_tiny.yaml")  # its samples resolve on any teacher's T
     base = _base(tiny_overrides)
     check_space(sp, apply_budget(base, sp.budget), T, samples=64)
     assert sp.search["objective"] == "fidelity" and sp.n_values(3) == [2]
