@@ -4,9 +4,10 @@
 the whole learned-sigma output, on the training forward process, :func:`~o2mkd_ray.eval.metrics.teacher_agreement`)
 on held-out class labels, next to the same figure for untrained students (the teacher-initialised ones the run
 started from), so the gain of distillation is read off one report; the pixel error of the students' images
-against the teacher's (``DiTPipeline``, same class labels, noise, guidance and scheduler); and the MACs per step
-and per sampling run (:mod:`o2mkd_ray.core.costs`, guidance as 2 passes). Plain torch/diffusers (no Ray, no
-MLflow).
+against the teacher's (``DiTPipeline``, same class labels, noise, guidance and scheduler) and the FID/KID proxy of
+the students' images against the teacher's (:mod:`o2mkd_ray.eval.fid`, backend labelled); the MACs per step and
+per sampling run (:mod:`o2mkd_ray.core.costs`, guidance as 2 passes); and the wall time per image of both pipelines
+(interleaved repetitions). Plain torch/diffusers (no Ray, no MLflow).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from o2mkd_ray.core.costs import guidance_passes, scheduler_timesteps
-from o2mkd_ray.eval.measures import cost_table, image_fidelity, sample_shape_of
+from o2mkd_ray.eval.fid import fid_feature_space, fid_metrics, fid_section
+from o2mkd_ray.eval.measures import cost_table, image_fidelity, paired_latency, sample_shape_of
 from o2mkd_ray.eval.metrics import segment_summary, teacher_agreement
 from o2mkd_ray.eval.report import finish_report, write_report
 from o2mkd_ray.eval.sampling import sampling_class_labels, save_grid, scheduler_copy
@@ -53,19 +55,24 @@ def class_agreement(multi, teacher, scheduler, latents: torch.Tensor, labels: to
 
 
 @torch.no_grad()
+def _sample(p, labels: list[int], steps: int, guidance: float, seed: int) -> np.ndarray:
+    """One pipeline's images ``(N, H, W, 3)`` of ``labels``, the noise from ``seed``."""
+    return p(class_labels=labels, guidance_scale=guidance, num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+
 def _samples(teacher_pipe, pipe, labels: list[int], steps: int, guidance: float, seed: int):
     """Both pipelines' images ``(N, H, W, 3)`` of ``labels`` from the same noise and a copy of one scheduler."""
     imgs = []
     for p in (teacher_pipe, pipe):
         p.scheduler = scheduler_copy(pipe)
         p.set_progress_bar_config(disable=True)
-        imgs.append(p(class_labels=labels, guidance_scale=guidance, num_inference_steps=steps,
-                      generator=torch.Generator().manual_seed(seed), output_type="np").images)
+        imgs.append(_sample(p, labels, steps, guidance, seed))
     return imgs
 
 
 def evaluate_dit_run(out: Path, cfg, num_images: int, steps: int, *, agreement_samples: int = 64,
-                     device="cpu") -> dict:
+                     latency_repeats: int = 2, device="cpu") -> dict:
     """The DiT evaluation of a distill run folder (see the module docstring), written to ``OUT/eval/``.
 
     Args:
@@ -73,10 +80,13 @@ def evaluate_dit_run(out: Path, cfg, num_images: int, steps: int, *, agreement_s
         num_images: images per pipeline (class labels ``0, 1, ...``).
         steps: sampling steps of both pipelines.
         agreement_samples: ``(x_0, ε, t)`` draws of each agreement figure.
+        latency_repeats: interleaved timed sampling runs per pipeline (0: latency not measured).
         device: where the models run.
     Returns:
         The report as written to ``OUT/eval/report.json`` (``metrics``: ``agreement_mse``,
-        ``agreement_mse_untrained``, ``pixel_mse``, ``macs_ratio_run``).
+        ``agreement_mse_untrained``, ``pixel_mse``, ``macs_ratio_run``, ``fid_o2mkd_vs_teacher``,
+        ``kid_o2mkd_vs_teacher`` and, when timed, ``teacher_s_per_image``, ``o2mkd_s_per_image``,
+        ``latency_speedup``).
     """
     from diffusers import DDPMScheduler
 
@@ -100,6 +110,15 @@ def evaluate_dit_run(out: Path, cfg, num_images: int, steps: int, *, agreement_s
     class_labels = sampling_class_labels(cfg, num_classes, num_images)
     t_img, s_img = _samples(teacher_pipe, pipe, class_labels, steps, cfg.sampling.guidance_scale, cfg.sampling.seed)
     pixel = image_fidelity(t_img, s_img)
+    fid = fid_section(fid_feature_space(cfg.eval.fid_weights), {"teacher": t_img, "o2mkd": s_img},
+                      [("o2mkd", "teacher")], f"{len(t_img)} O2MKD vs {len(t_img)} teacher images (same class labels "
+                      "and noise); FID is biased upwards at small N, KID is unbiased")
+    lat = None
+    if latency_repeats > 0:
+        args = (class_labels, steps, cfg.sampling.guidance_scale, cfg.sampling.seed)
+        lat = paired_latency(lambda: _sample(teacher_pipe, *args), lambda: _sample(pipe, *args), latency_repeats,
+                             cuda=torch.device(device).type == "cuda", warmup=False, per=len(class_labels),
+                             unit="s_per_image")
     ev = out / "eval"
     ev.mkdir(exist_ok=True)
     grid = save_grid([t_img, s_img], ["teacher", f"O2MKD students (N={multi.num_students})"], ev / "samples.png",
@@ -110,9 +129,13 @@ def evaluate_dit_run(out: Path, cfg, num_images: int, steps: int, *, agreement_s
                       passes=guidance_passes(cfg.sampling.guidance_scale, teacher.config))
     report = {"run": str(out), "name": cfg.name, "num_segments": multi.num_students,
               "boundaries": list(multi.config.boundaries), "agreement": trained, "agreement_untrained": untrained,
-              "held_out_labels": labels.tolist(), "pixel": pixel, "cost": cost,
+              "held_out_labels": labels.tolist(), "pixel": pixel, **fid, "cost": cost, "latency": lat,
               "settings": {"steps": steps, "num_images": num_images, "class_labels": class_labels,
                            "guidance_scale": cfg.sampling.guidance_scale, "seed": cfg.sampling.seed}}
     metrics = {"agreement_mse": trained["mse"], "agreement_mse_untrained": untrained["mse"],
-               "pixel_mse": pixel["mse_mean"], "macs_ratio_run": cost["macs_ratio_run"]}
-    return write_report(ev, finish_report(report, metrics), [grid])
+               "pixel_mse": pixel["mse_mean"], "macs_ratio_run": cost["macs_ratio_run"], **fid_metrics(fid)}
+    if lat is not None:
+        metrics.update(teacher_s_per_image=lat["teacher_s_per_image"], o2mkd_s_per_image=lat["o2mkd_s_per_image"],
+                       latency_speedup=lat["speedup"])
+    reasons = {} if lat is not None else {"latency": "latency_repeats=0; not measured"}
+    return write_report(ev, finish_report(report, metrics, reasons), [grid])

@@ -82,7 +82,8 @@ def evaluate_run(out, num_images: int | None = None, steps: int | None = None, *
     if teacher_kind(cfg.teacher) == "dit":
         from o2mkd_ray.eval.class_conditional import evaluate_dit_run
 
-        return evaluate_dit_run(out, cfg, n, steps, agreement_samples=min(agreement_samples, 64), device=dev)
+        return evaluate_dit_run(out, cfg, n, steps, agreement_samples=min(agreement_samples, 64),
+                                latency_repeats=latency_repeats, device=dev)
     if is_text_to_image(cfg):
         return evaluate_sd_run(out, cfg, n, steps, latency_repeats=latency_repeats, device=dev)
     opt = Options(num_images=n, steps=steps, agreement_samples=agreement_samples, num_buckets=num_buckets,

@@ -114,6 +114,9 @@ def test_local_dit_students_learn_the_teacher_on_held_out_classes(dit_local):
     m = ev["metrics"]
     assert m["agreement_mse"] < 0.8 * m["agreement_mse_untrained"], m
     assert 0 < m["macs_ratio_run"] < 1 and np.isfinite(m["pixel_mse"]) and (out / "eval" / "samples.png").is_file()
+    # the FID proxy of the students' images against the teacher's, its feature space named, and both latencies
+    assert ev["fid_backend"] and "kid_o2mkd_vs_teacher" in m and m["o2mkd_s_per_image"] > 0
+    assert ev["latency"]["repeats"] == 3 and m["teacher_s_per_image"] > 0 and m["latency_speedup"] > 0
 
 
 def test_local_dit_pipeline_samples_through_the_cli_with_class_labels(dit_local, tmp_path):
