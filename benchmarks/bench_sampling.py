@@ -9,6 +9,8 @@ whose segment holds its timestep), under each acceleration mode of ``--modes``:
   compile        ``pipe.accelerate(compile=True)`` (one ``torch.compile`` wrapper per student; tens of seconds
                  to minutes of compilation per graph and batch shape on CPU, in the warm-up)
   both           ``pipe.accelerate(compile=True, channels_last=True)``
+  frozen         ``pipe.accelerate(compile=True, freeze=True)`` (inductor freezing: weights folded and pre-packed
+                 into one graph per student; compiles 1 + N graphs per batch shape, the slowest warm-up)
 
 The teacher always gets the same options as the students, so that the ratio stays fair. ``--pipeline``:
 
