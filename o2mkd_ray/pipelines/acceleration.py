@@ -13,15 +13,6 @@ warning). Raise the limit, or call ``torch._dynamo.reset()``, when sampling at m
 GPU-only options are left to the user, as with any diffusers UNet: half precision is
 ``pipe.to(torch.float16)`` (or ``torch.bfloat16``) before :meth:`MultiStudentUNet.accelerate`, and CUDA graphs
 are ``compile_kwargs={"mode": "reduce-overhead"}`` (one graph per student and batch shape).
-
-``freeze`` (compile with inductor's ``freezing``) treats each student's weights as constants of its own graph:
-inductor folds them and pre-packs the convolution and linear weights once for oneDNN, instead of re-laying them
-out on every call. On CPU this is the option that pays (the student at the google/ddpm-cifar10-32 shape, batch
-4, two threads: about 1.9x faster than eager, where compile alone gains about 1.1x). Each student then has its
-own graph (a frozen graph holds one set of weights), compiled once per batch shape; change a student's weights
-after :meth:`MultiStudentUNet.accelerate` and call it again, or the old weights keep running. Frozen graphs only
-apply under ``torch.no_grad()`` (every pipeline samples under it); with gradients on, inductor compiles an
-unfrozen graph instead.
 """
 
 from __future__ import annotations
@@ -41,17 +32,15 @@ class Acceleration:
         channels_last: weights and inputs use ``torch.channels_last``.
         compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``: one graph per student and
             batch shape, no guard on the timestep's value).
-        freeze: compile with inductor's ``freezing`` (weights folded and pre-packed; implies ``compile``).
     """
 
     compile: bool = False
     channels_last: bool = False
     compile_kwargs: dict = field(default_factory=dict)
-    freeze: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.compile or self.channels_last or self.freeze
+        return self.compile or self.channels_last
 
 
 def accelerate_students(students: list[nn.Module], options: Acceleration) -> list[nn.Module]:
@@ -67,11 +56,9 @@ def accelerate_students(students: list[nn.Module], options: Acceleration) -> lis
     fmt = torch.channels_last if options.channels_last else torch.contiguous_format
     for s in students:
         s.to(memory_format=fmt)
-    if not (options.compile or options.freeze):
+    if not options.compile:
         return list(students)
     kwargs = {"dynamic": False, **options.compile_kwargs}
-    if options.freeze:
-        kwargs["options"] = {**kwargs.get("options", {}), "freezing": True}
     return [torch.compile(s, **kwargs) for s in students]
 
 
@@ -88,8 +75,7 @@ class AcceleratesStudents:
 
     students_component = "students"
 
-    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None,
-                   freeze: bool = False):
+    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None):
         """Sampling speed-ups applied to every student at once (see :meth:`MultiStudentUNet.accelerate`);
         ``accelerate()`` undoes them. Nothing is saved with the pipeline.
 
@@ -97,10 +83,9 @@ class AcceleratesStudents:
             compile: one ``torch.compile`` wrapper per student.
             channels_last: students' weights and inputs in ``torch.channels_last`` layout.
             compile_kwargs: further ``torch.compile`` arguments.
-            freeze: compile with the weights frozen into each student's graph (the CPU speed-up; implies compile).
         Returns:
             self.
         """
         getattr(self, self.students_component).accelerate(compile=compile, channels_last=channels_last,
-                                                          compile_kwargs=compile_kwargs, freeze=freeze)
+                                                          compile_kwargs=compile_kwargs)
         return self

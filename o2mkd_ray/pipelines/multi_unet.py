@@ -144,8 +144,7 @@ class MultiStudentUNet(SegmentStudents, ModelMixin, ConfigMixin):
         """The run-time options :meth:`accelerate` set (``Acceleration()`` when none)."""
         return self._accel
 
-    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None,
-                   freeze: bool = False):
+    def accelerate(self, compile: bool = False, channels_last: bool = False, compile_kwargs: dict | None = None):
         """Speeds up sampling with every student at once; ``accelerate()`` with no options undoes it.
 
         Nothing is saved: weights, config and ``save_pretrained`` output stay as without it.
@@ -156,15 +155,12 @@ class MultiStudentUNet(SegmentStudents, ModelMixin, ConfigMixin):
             channels_last: students' weights and inputs in ``torch.channels_last`` layout (NHWC convolutions).
             compile_kwargs: further ``torch.compile`` arguments (``mode="reduce-overhead"`` for CUDA graphs on
                 GPU, ``backend=...``).
-            freeze: compile with inductor's ``freezing``: each student's weights folded into its own graph and
-                pre-packed once (the option that pays on CPU); implies ``compile``. Call ``accelerate`` again
-                after changing the weights.
         Returns:
             self, so that ``pipe.students = pipe.students.accelerate(...)`` reads as diffusers' idiom.
         """
-        self._accel = Acceleration(compile or freeze, channels_last, dict(compile_kwargs or {}), freeze)
+        self._accel = Acceleration(compile, channels_last, dict(compile_kwargs or {}))
         runners = accelerate_students(list(self.students), self._accel)
-        self._runners = runners if self._accel.compile else None
+        self._runners = runners if compile else None
         return self
 
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
