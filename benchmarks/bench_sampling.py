@@ -9,6 +9,9 @@ whose segment holds its timestep), under each acceleration mode of ``--modes``:
   compile        ``pipe.accelerate(compile=True)`` (one ``torch.compile`` wrapper per student; tens of seconds
                  to minutes of compilation per graph and batch shape on CPU, in the warm-up)
   both           ``pipe.accelerate(compile=True, channels_last=True)``
+  frozen         ``pipe.accelerate(compile=True, compile_kwargs={"options": {"freezing": True}})`` (inductor
+                 freezing: lets inductor fold and pre-pack the weights; not default: it compiled no faster
+                 sampling than ``compile`` here, see docs/sampling.md)
 
 The teacher always gets the same options as the students, so that the ratio stays fair. ``--pipeline``:
 
@@ -91,8 +94,8 @@ def modes_of(text: str) -> list[str]:
 def time_batch(pipes: dict, run, batch: int, args) -> tuple[dict, dict, dict]:
     """Interleaved, rotated repetitions of every variant at one batch size; returns (wall times, CPU times,
     first images)."""
-    for pipe in pipes.values():  # warm-up (allocator, kernels, compilation for this batch shape)
-        run(pipe, batch, min(args.steps, 2), args.seed)
+    for pipe in pipes.values():  # warm-up: allocator, kernels, and compilation of every student the timed run visits
+        run(pipe, batch, args.steps, args.seed)  # same timesteps as timed
     names = list(pipes)
     times: dict = {name: [] for name in names}
     cpu: dict = {name: [] for name in names}
@@ -173,6 +176,9 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    # every UNet of a class shares Dynamo's per-function graph limit (8): per batch size compile/both take one
+    # graph per network and layout, frozen one per network and student visited
+    torch._dynamo.config.recompile_limit = 64
     batches = [int(b) for b in args.batches.split(",")]
     modes = modes_of(args.modes)
     print(f"torch threads: {torch.get_num_threads()} (--threads {args.threads}; "
@@ -190,7 +196,7 @@ def main(argv=None) -> dict:
 
     rows, prof_rows, all_times = [], [], {}
     for batch in batches:
-        torch._dynamo.reset()  # at most 4 graphs live per batch size (teacher/students x layout)
+        torch._dynamo.reset()  # one batch shape's graphs at a time
         times, cpu, images = time_batch(pipes, run, batch, args)
         all_times[batch] = {f"{n}/{m}": {"wall": v, "cpu": cpu[(n, m)]} for (n, m), v in times.items()}
         rows += summarize(times, cpu, images, batch, macs_speedup)

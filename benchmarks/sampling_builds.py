@@ -29,6 +29,8 @@ MODES = {
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
     "both": {"compile": True, "channels_last": True},
+    # inductor freezing (weights as constants of the graph, so that it may fold and pre-pack them)
+    "frozen": {"compile": True, "compile_kwargs": {"options": {"freezing": True}}},
 }
 
 # google/ddpm-cifar10-32 unet/config.json (diffusers UNet2DModel, 35.7 M parameters); attention_head_dim is
@@ -161,7 +163,7 @@ def build_t2i(args, modes: list[str]):
         if MODES[mode].get("channels_last"):
             t_pipe.unet.to(memory_format=torch.channels_last)
         if MODES[mode].get("compile"):
-            t_pipe.unet = torch.compile(t_pipe.unet, dynamic=False)
+            t_pipe.unet = torch.compile(t_pipe.unet, dynamic=False, **MODES[mode].get("compile_kwargs", {}))
         for p in (t_pipe, s_pipe):
             p.set_progress_bar_config(disable=True)
         return {"teacher": t_pipe, "students": s_pipe.accelerate(**MODES[mode])}

@@ -106,18 +106,32 @@ def scaling_bound(teacher: dict, macs_speedup: float, act_speedup: float) -> flo
     return w / students / macs_speedup
 
 
+def ceiling(teacher: dict, macs_speedup: float, act_speedup: float) -> float:
+    """The efficiency students cannot exceed while their activation-bound ops shrink only with the activations:
+    :func:`scaling_bound` with the students' Python time removed altogether (MAC ops faster by the MACs
+    speedup, copies / other ops / compiled kernels by ``act_speedup``, Python free). With a share ``a`` of the
+    teacher's time in activation-bound ops, at most ``1 / (1 - a + a * macs_speedup / act_speedup)``."""
+    mac, act = teacher["conv"] + teacher["matmul"], teacher["copies"] + teacher["other ops"] + teacher["compiled"]
+    return (mac + act) / (mac + act * macs_speedup / act_speedup)
+
+
 def bounds_table(rows: list[dict], macs_speedup: float, act_speedup: float) -> list[str]:
-    """Per batch size and mode: the profiled runs' efficiency next to :func:`scaling_bound`'s model."""
+    """Per batch size and mode: the profiled runs' efficiency next to :func:`scaling_bound`'s model and the
+    :func:`ceiling` the teacher's share of activation-bound ops leaves."""
     by = {(r["batch"], r["network"], r["mode"]): r for r in rows}
-    lines = ["", (f"Efficiency the teacher's profile predicts (MAC ops / {macs_speedup:.2f}, other ops and copies / "
-             f"{act_speedup:.2f}, Python time unchanged) against the profiled runs' own:"), "",
-             "| batch | mode | teacher MAC-op share | model | profiled run |", "|---|---|---|---|---|"]
+    lines = ["", (f"Efficiency the teacher's profile predicts (MAC ops / {macs_speedup:.2f}, other ops, copies and "
+             f"compiled kernels / {act_speedup:.2f}, Python time unchanged: model; Python free: ceiling) against "
+             "the profiled runs' own:"), "",
+             "| batch | mode | teacher MAC-op share | activation-bound share | model | ceiling | profiled run |",
+             "|---|---|---|---|---|---|---|"]
     for (batch, network, mode), t in by.items():
         s = by.get((batch, "students", mode))
         if network != "teacher" or s is None:
             continue
         share = (t["conv"] + t["matmul"]) / t["wall_s"]
-        lines.append(f"| {batch} | {mode} | {100 * share:.0f}% | {scaling_bound(t, macs_speedup, act_speedup):.2f}"
+        act = (t["copies"] + t["other ops"] + t["compiled"]) / t["wall_s"]
+        lines.append(f"| {batch} | {mode} | {100 * share:.0f}% | {100 * act:.0f}% | "
+                     f"{scaling_bound(t, macs_speedup, act_speedup):.2f} | {ceiling(t, macs_speedup, act_speedup):.2f}"
                      f" | {t['wall_s'] / s['wall_s'] / macs_speedup:.2f} |")
     return lines
 

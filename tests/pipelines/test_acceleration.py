@@ -20,7 +20,7 @@ def make_pipe(seed0: int = 0) -> O2MKDPipeline:
 
 
 def sample(pipe, steps: int = 3, batch: int = 2) -> np.ndarray:
-    # 3 DDIM steps (999, 666, 333) visit students 2, 1, 1; 4 steps visit all three
+    # 3 DDIM steps (666, 333, 0) visit students 1, 1, 0; 4 steps (750, 500, 250, 0) visit all three
     g = torch.Generator().manual_seed(0)
     return pipe(batch_size=batch, generator=g, num_inference_steps=steps, output_type="np").images
 
@@ -156,3 +156,4 @@ def test_text_to_image_pipeline_accelerates_its_unet_students(tiny_sd_dir):
     assert np.abs(images() - off).max() < 1e-4
     pipe.accelerate()
     np.testing.assert_array_equal(images(), off)
+
