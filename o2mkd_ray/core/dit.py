@@ -15,7 +15,9 @@ DIT_COMPONENTS = ("transformer", "vae", "scheduler")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}  # those o2mkd_ray.data.images reads
 
 
-def _class_name(f: Path) -> str | None:
+def saved_class_name(f: Path) -> str | None:
+    """The ``_class_name`` a diffusers JSON file (``model_index.json``, a component's config) names; None when the
+    file is missing, unreadable or names none."""
     try:
         d = json.loads(f.read_text()) if f.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
@@ -27,8 +29,8 @@ def is_dit_folder(path: str | Path) -> bool:
     """True when ``path`` is a local DiT folder: its ``model_index.json`` names ``DiTPipeline``, or its
     ``transformer/config.json`` a ``DiTTransformer2DModel`` (a folder saved without the index)."""
     p = Path(path).expanduser()
-    return (_class_name(p / "model_index.json") == "DiTPipeline"
-            or _class_name(p / "transformer" / "config.json") == "DiTTransformer2DModel")
+    return (saved_class_name(p / "model_index.json") == "DiTPipeline"
+            or saved_class_name(p / "transformer" / "config.json") == "DiTTransformer2DModel")
 
 
 def check_dit_folder(path: str | Path, key: str = "teacher.pretrained") -> None:
@@ -39,7 +41,7 @@ def check_dit_folder(path: str | Path, key: str = "teacher.pretrained") -> None:
     if missing:
         raise ConfigError(f"{key}: {str(p)!r} is not a complete DiT folder (missing "
                           f"{', '.join(m + '/' for m in missing)}); save it with DiTPipeline.save_pretrained")
-    cls = _class_name(p / "transformer" / "config.json")
+    cls = saved_class_name(p / "transformer" / "config.json")
     if cls != "DiTTransformer2DModel":
         raise ConfigError(f"{key}: {str(p / 'transformer')!r} holds a {cls}, not a DiTTransformer2DModel; give a "
                           "DiT folder (DiTPipeline.save_pretrained)")

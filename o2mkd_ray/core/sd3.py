@@ -10,11 +10,11 @@ transformer at sampling time.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from o2mkd_ray.core.dit import saved_class_name
 from o2mkd_ray.errors import ConfigError
 
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -23,21 +23,13 @@ T5_PARTS = ("text_encoder_3", "tokenizer_3")
 MAX_SEQUENCE_LENGTH = 256
 
 
-def _class_name(f: Path) -> str | None:
-    try:
-        d = json.loads(f.read_text()) if f.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None
-    return d.get("_class_name") if isinstance(d, dict) else None
-
-
 def is_sd3_folder(path: str | Path) -> bool:
     """True when ``path`` is a local SD3 folder: its ``model_index.json`` names a ``StableDiffusion3`` pipeline,
     or its ``transformer/config.json`` an ``SD3Transformer2DModel`` (a folder saved without the index)."""
     p = Path(path).expanduser()
-    index = _class_name(p / "model_index.json")
+    index = saved_class_name(p / "model_index.json")
     return ((isinstance(index, str) and index.startswith("StableDiffusion3"))
-            or _class_name(p / "transformer" / "config.json") == "SD3Transformer2DModel")
+            or saved_class_name(p / "transformer" / "config.json") == "SD3Transformer2DModel")
 
 
 def check_sd3_folder(path: str | Path, key: str = "teacher.pretrained") -> None:
@@ -48,11 +40,11 @@ def check_sd3_folder(path: str | Path, key: str = "teacher.pretrained") -> None:
     if missing:
         raise ConfigError(f"{key}: {str(p)!r} is not a complete Stable Diffusion 3 folder (missing "
                           f"{', '.join(m + '/' for m in missing)}); save it with StableDiffusion3Pipeline.save_pretrained")
-    cls = _class_name(p / "transformer" / "config.json")
+    cls = saved_class_name(p / "transformer" / "config.json")
     if cls != "SD3Transformer2DModel":
         raise ConfigError(f"{key}: {str(p / 'transformer')!r} holds a {cls}, not an SD3Transformer2DModel; give a "
                           "Stable Diffusion 3 folder (StableDiffusion3Pipeline.save_pretrained)")
-    sched = _class_name(p / "scheduler" / "scheduler_config.json")
+    sched = saved_class_name(p / "scheduler" / "scheduler_config.json")
     if not (isinstance(sched, str) and sched.startswith("FlowMatch")):
         raise ConfigError(f"{key}: {str(p / 'scheduler')!r} holds a {sched}, not a flow-matching scheduler; an SD3 "
                           "teacher samples with FlowMatchEulerDiscreteScheduler")
