@@ -404,12 +404,38 @@ def claim(folder: Path) -> bool:
     return True
 
 
+def cell_signature(grid: Grid, teacher: str, cell: Cell, seed: int) -> str:
+    """What decides a cell+seed's result: two cells (in different questions, say the uniform split that several
+    questions compare against) with one signature are the same run, so the second reuses the first's row. A list
+    of equal widths or budgets is the same run as the single value."""
+
+    def one(v):
+        return v[0] if isinstance(v, list) and len(set(v)) == 1 else v
+
+    return json.dumps([teacher, grid.config, grid.overrides, grid.eval.model_dump(), cell.n, one(cell.steps),
+                       one(cell.width), cell.boundaries, sorted(cell.set), seed])
+
+
+def reusable_rows(grid: Grid, rows: list[dict]) -> dict[str, dict]:
+    """Signature -> the first fresh (not itself reused) row with it, for the rows whose cell the grid still
+    declares as it was run."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        q = grid.questions.get(r["question"])
+        cell = next((c for c in q.cells if c.name == r["cell"]), None) if q else None
+        if cell is None or r.get("reused_from"):
+            continue
+        out.setdefault(cell_signature(grid, r["teacher"], cell, r["seed"]), r)
+    return out
+
+
 def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: list[str] | None = None,
              seeds: list[int] | None = None, cells: list[str] | None = None, log=print) -> dict:
-    """Runs every unfinished cell+seed of the selected part of the grid; returns ``{"ran": k, "skipped": m}``."""
+    """Runs every unfinished cell+seed of the selected part of the grid; returns ``{"ran": k, "skipped": m,
+    "reused": r}`` (reused: rows copied from an identical cell+seed of another question, not trained again)."""
     results = out / "results.jsonl"
     done = {r["key"] for r in read_results(results)}
-    stats = {"ran": 0, "skipped": 0}
+    stats = {"ran": 0, "skipped": 0, "reused": 0}
     setups: dict[str, tuple[list[str], str]] = {}
     for qname, q in grid.questions.items():
         if only and qname not in only:
@@ -428,6 +454,13 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: lis
                     done |= {r["key"] for r in read_results(results)}  # other processes may have added some
                     if key in done:
                         stats["skipped"] += 1
+                        continue
+                    same = reusable_rows(grid, read_results(results)).get(cell_signature(grid, teacher, cell, seed))
+                    if same is not None:
+                        append_result(results, {**same, "key": key, "question": qname, "cell": cell.name,
+                                                "reused_from": same["key"]})
+                        stats["reused"] += 1
+                        log(f"[{key}] the same run as {same['key']}: its row reused", flush=True)
                         continue
                     if not claim(out / teacher / qname / cell.name / f"seed{seed}"):
                         log(f"[{key}] running in another process; left to it", flush=True)
@@ -573,9 +606,13 @@ def question_section(rows: list[dict], qname: str, q: Question, teacher: str, pl
     if aggs:
         rs = [r for r in rows if (r["teacher"], r["question"]) == (teacher, qname)]
         cmds = sorted({r["command"] for r in rs})
+        fresh = [r for r in rs if not r.get("reused_from")]
+        reused = sorted({r["reused_from"].split("/seed")[0] for r in rs if r.get("reused_from")})
         out += [f"Teacher: {rs[0]['teacher_note']}. FID proxy backend: {sorted({r['fid_backend'] for r in rs})}.",
-                f"Runs: {len(rs)}; wall time: {sum(r['wall_train_s'] for r in rs):.0f} s training + "
-                f"{sum(r['wall_eval_s'] for r in rs):.0f} s evaluation. Command(s): "
+                f"Runs: {len(fresh)}" + (f" (and {len(rs) - len(fresh)} rows reused from the identical cells "
+                                         + ", ".join(f"`{x}`" for x in reused) + ")" if reused else "")
+                + f"; wall time: {sum(r['wall_train_s'] for r in fresh):.0f} s training + "
+                f"{sum(r['wall_eval_s'] for r in fresh):.0f} s evaluation. Command(s): "
                 + ", ".join(f"`{c}`" for c in cmds) + ".", "", table(aggs), ""]
         png = plot(aggs, plots / f"fidelity_{qname}_{teacher}.png", f"{qname} — {teacher}")
         out += [f"![{qname} {teacher}]({png.name})", "", "Conclusion (generated from the table above):", ""]
@@ -635,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not args.report_only:
         stats = run_grid(grid, out, args.only, args.teacher, args.seeds, args.cells)
-        print(f"ran {stats['ran']}, skipped {stats['skipped']} already in {out / 'results.jsonl'} "
+        print(f"ran {stats['ran']}, reused {stats['reused']}, skipped {stats['skipped']} already in "
+              f"{out / 'results.jsonl'} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = read_results(out / "results.jsonl")
     written = write_report(grid, rows, Path(args.doc), Path(args.plots), args.grid)

@@ -30,12 +30,16 @@ TINY_GRID = {
         "title": "tiny", "asks": "does it run", "teachers": ["tiny"],
         "cells": [{"name": "one", "n": 1, "steps": 2}, {"name": "two", "n": 2, "steps": 3}],
         "compare": [{"a": "two", "b": "one", "label": "two vs one"}],
+    }, "p": {
+        # "same" is cell "two" again (equal widths as a list): its rows are reused, not trained again
+        "title": "reuse", "asks": "is a repeated cell trained once", "teachers": ["tiny"],
+        "cells": [{"name": "same", "n": 2, "steps": 3, "width": [0.5, 0.5]}],
     }},
 }
 
 
 def _write(path: Path, grid: dict) -> Path:
-    path.write_text(yaml.safe_dump(grid, allow_unicode=True))
+    path.write_text(yaml.safe_dump(grid, allow_unicode=True, sort_keys=False))  # questions in declared order
     return path
 
 
@@ -70,15 +74,23 @@ def test_tiny_grid_runs_resumes_and_reports_mean_std(tmp_path):
     assert fs.main(argv) == 0
     results = out / "results.jsonl"
     rows = [json.loads(ln) for ln in results.read_text().splitlines()]
-    assert sorted(r["key"] for r in rows) == [f"tiny/q/{c}/seed{s}" for c in ("one", "two") for s in (0, 1)]
-    assert {r["cell"]: r["n"] for r in rows} == {"one": 1, "two": 2}
-    assert all(r["student_steps"] == {"one": 2, "two": 6}[r["cell"]] for r in rows)
+    assert sorted(r["key"] for r in rows) == sorted(
+        [f"tiny/q/{c}/seed{s}" for c in ("one", "two") for s in (0, 1)] + [f"tiny/p/same/seed{s}" for s in (0, 1)])
+    assert {r["cell"]: r["n"] for r in rows} == {"one": 1, "two": 2, "same": 2}
+    assert all(r["student_steps"] == {"one": 2, "two": 6, "same": 6}[r["cell"]] for r in rows)
+    # the repeated cell was not trained: no run folder, its rows are cell two's (same seed) with their origin named
+    assert not (out / "tiny" / "p").exists()
+    for s in (0, 1):
+        two = next(r for r in rows if r["key"] == f"tiny/q/two/seed{s}")
+        same = next(r for r in rows if r["key"] == f"tiny/p/same/seed{s}")
+        assert same["reused_from"] == two["key"] and same["agree_all"] == two["agree_all"]
+    rows = [r for r in rows if r["question"] == "q"]
 
     # a rerun trains and evaluates nothing: no new rows, no run folder file rewritten
     stamps = {p: p.stat().st_mtime_ns for p in (out / "tiny").rglob("*") if p.is_file()}
     before = results.read_text()
     stats = fs.run_grid(fs.load_grid(grid_path), out)
-    assert stats == {"ran": 0, "skipped": 4}
+    assert stats == {"ran": 0, "skipped": 6, "reused": 0}
     assert results.read_text() == before
     assert {p: p.stat().st_mtime_ns for p in (out / "tiny").rglob("*") if p.is_file()} == stamps
 
