@@ -92,12 +92,6 @@ class Cell(_Strict):
             raise ValueError(f"boundaries has {len(self.boundaries)} entries; n={self.n} needs {self.n + 1}")
         return self
 
-    def blocked(self) -> str | None:
-        """Why the engine cannot run this cell yet (None: it can)."""
-        if isinstance(self.steps, list):
-            return "per-segment step budgets: the engine trains every segment for one train.steps"
-        return None
-
     def total_steps(self) -> int:
         return sum(self.steps) if isinstance(self.steps, list) else self.steps * self.n
 
@@ -349,7 +343,7 @@ def run_cell(grid: Grid, teacher: str, qname: str, cell: Cell, seed: int, out: P
 
     ev = grid.eval
     base = [*t_over, *grid.overrides, *cell.set, "mlflow.enabled=false", "eval.enabled=false",
-            f"students.width={json.dumps(cell.width)}", f"train.steps={cell.steps}", f"train.seed={seed}"]
+            f"students.width={json.dumps(cell.width)}", f"train.steps={json.dumps(cell.steps)}", f"train.seed={seed}"]
     seg = boundary_overrides(cell, base, str(ROOT / grid.config))
     cfg = load_config(str(ROOT / grid.config), [*base, *seg, f"name={qname}_{cell.name}"])
     folder = out / teacher / qname / cell.name / f"seed{seed}"
@@ -366,7 +360,7 @@ def run_cell(grid: Grid, teacher: str, qname: str, cell: Cell, seed: int, out: P
         "key": row_key(teacher, qname, cell.name, seed), "teacher": teacher, "teacher_note": t_note,
         "question": qname, "cell": cell.name, "seed": seed, "n": len(run["segments"]),
         "boundaries": [int(b) for b in cfg.segments.boundaries] if cfg.segments.boundaries else cell.boundaries,
-        "width": cell.width, "steps_per_student": cell.steps, "student_steps": cell.steps * len(run["segments"]),
+        "width": cell.width, "steps_per_student": cell.steps, "student_steps": cell.total_steps(),
         "agree_t0": thirds[0], "agree_t1": thirds[1], "agree_t2": thirds[2],
         "agree_all": rep["agreement"]["overall_mse"], "traj_psnr_db": rep["trajectory"]["psnr_mean_db"],
         "fid_vs_data": fid["o2mkd_vs_data"]["fid"], "fid_vs_teacher": fid["o2mkd_vs_teacher"]["fid"],
@@ -445,9 +439,6 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: lis
                 continue
             for cell in q.cells:
                 if cells and cell.name not in cells:
-                    continue
-                if cell.blocked():
-                    log(f"[{teacher}/{qname}/{cell.name}] skipped: {cell.blocked()}", flush=True)
                     continue
                 for seed in seeds if seeds is not None else grid.seeds:
                     key = row_key(teacher, qname, cell.name, seed)
@@ -589,10 +580,9 @@ def not_run(qname: str, q: Question, teacher: str, done: set[str]) -> str:
     todo = [c for c in q.cells if c.name not in done]
     if not todo:
         return ""
-    lines = ["| cell | N | steps/student | width | boundaries | runnable |", "|---|---|---|---|---|---|"]
+    lines = ["| cell | N | steps/student | width | boundaries |", "|---|---|---|---|---|"]
     for c in todo:
-        lines.append(f"| `{c.name}` | {c.n} | {c.steps} | {c.width} | {c.boundaries} | "
-                     f"{'no: ' + c.blocked() if c.blocked() else 'yes'} |")
+        lines.append(f"| `{c.name}` | {c.n} | {c.steps} | {c.width} | {c.boundaries} |")
     cmd = f"python benchmarks/fidelity_study.py --only {qname} --teacher {teacher}"
     head = "**Not run yet.**" if len(todo) == len(q.cells) else "Cells not run yet:"
     if len(todo) < len(q.cells):

@@ -61,6 +61,12 @@ def check_per_segment(width: float | list[float], layers_per_block: int | list[i
         raise ConfigError(f"students.layers_per_block: got {len(layers_per_block)} values for {n} segments")
 
 
+def check_segment_steps(steps: int | list[int], n: int) -> None:
+    """A per-segment ``train.steps`` list has one budget per segment."""
+    if isinstance(steps, list) and len(steps) != n:
+        raise ConfigError(f"train.steps: got {len(steps)} budgets for {n} segments; give one number or {n}")
+
+
 def check_data_source(kind: str, path: str | None, name: str | None) -> None:
     """An image folder needs data.path; torchvision and HF datasets need data.name."""
     if kind == "image_folder" and not path:

@@ -38,10 +38,26 @@ def config_error(exc: ValidationError, cls: type, data: Any, prefix: str = "") -
     Returns:
         The ConfigError to raise (pydantic's text is not in it).
     """
-    errors = exc.errors(include_url=False)
+    errors = _branch_of_the_input(exc.errors(include_url=False), cls, data)
     typed = [e for e in errors if e["type"] not in _VALUE_ERRORS]
     err = min(typed, key=lambda e: _input_rank(data, e["loc"])) if typed else errors[0]
     return ConfigError(_message(err, cls, data, prefix))
+
+
+def _branch_of_the_input(errors: list[dict], cls: type, data: Any) -> list[dict]:
+    """For a one-or-one-per-segment union (``int | list[int]``) pydantic reports each member's failure, tagged in
+    the location (``'constrained-int'``, ``'list[constrained-int]'``); keep the member the input was meant for (a
+    list: the list member), so ``0`` reads ``must be > 0`` and ``[1, 0]`` names the bad entry ``[1]``."""
+
+    def wrong_branch(e: dict) -> bool:
+        i = _resolve(cls, e["loc"], "", stop_at_tag=True)[2]
+        if i >= len(e["loc"]):
+            return False
+        given = _value_at(data, e["loc"][:i], None)
+        return isinstance(given, list) != str(e["loc"][i]).startswith("list[")
+
+    kept = [e for e in errors if not wrong_branch(e)]
+    return kept or errors
 
 
 def _message(err: dict, cls: type, data: Any, prefix: str) -> str:
@@ -143,8 +159,11 @@ def _scalar(tp: Any) -> Any:
     return tp
 
 
-def _resolve(cls: type, loc: tuple, prefix: str) -> tuple[str, Any, int]:
+def _resolve(cls: type, loc: tuple, prefix: str, stop_at_tag: bool = False) -> tuple[str, Any, int]:
     """Walks ``loc`` down the declared types from ``cls``.
+
+    A one-or-one-per-segment union (``X | list[X]``) is walked into through the member tag pydantic puts in the
+    location; ``stop_at_tag``: stop there instead (the third value is then the tag's index in ``loc``).
 
     Returns:
         ``(dotted key, declared type there, how many loc parts were used)``; the walk stops at a union, because a
@@ -155,6 +174,13 @@ def _resolve(cls: type, loc: tuple, prefix: str) -> tuple[str, Any, int]:
         base = _strip(tp)
         fields, origin = _fields(base), typing.get_origin(base)
         if _is_union(base):
+            members = [a for a in typing.get_args(base) if a is not type(None)]
+            lists = [a for a in members if typing.get_origin(_strip(a)) is list]
+            if len(members) == 2 and len(lists) == 1 and isinstance(part, str):  # a member's tag: walk into it
+                if stop_at_tag:
+                    return key, tp, used
+                tp = lists[0] if part.startswith("list[") else next(a for a in members if a is not lists[0])
+                continue
             return key, tp, used
         if fields is not None and part in fields:
             key, tp = (f"{key}.{part}" if key else str(part)), fields[part]

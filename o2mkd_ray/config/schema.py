@@ -204,7 +204,8 @@ class TrainConfig(Section):
     """Optimisation of each student."""
 
     section_key: ClassVar[str] = "train"
-    steps: PositiveInt = 600
+    # one budget for every segment, or one per segment (the same total can go where the teacher is hardest to match)
+    steps: PositiveInt | list[PositiveInt] = 600
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
@@ -217,6 +218,15 @@ class TrainConfig(Section):
     val_batches: NonNegativeInt = 2
     select: Literal["final", "best"] = "final"
     num_threads: NonNegativeInt = 0  # torch threads per worker; 0 = leave torch's default
+
+    def segment_steps(self, k: int) -> int:
+        """Segment ``k``'s step budget."""
+        return self.steps[k] if isinstance(self.steps, list) else self.steps
+
+    @property
+    def max_steps(self) -> int:
+        """The largest segment budget (the run's last step)."""
+        return max(self.steps) if isinstance(self.steps, list) else self.steps
 
 
 class SamplingConfig(Section):
@@ -330,6 +340,7 @@ class Config(Section):
         if info.context and info.context.get(WHOLE_RUN):
             n = self.segments.n
             checks.check_per_segment(self.students.width, self.students.layers_per_block, n)
+            checks.check_segment_steps(self.train.steps, n)
             if isinstance(self.students.depth, list) and len(self.students.depth) != n:
                 raise ConfigError(f"students.depth: got {len(self.students.depth)} values for {n} segments")
             checks.check_kinds(self.teacher.kind, self.data.kind)

@@ -77,11 +77,12 @@ class SegmentDistiller:
         params = [p for p in self.student.parameters()] + [p for p in self.kd.parameters()]
         self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         tr = cfg.train
-        # linear warmup then cosine decay to 10 % (a standard short-schedule recipe)
+        self.steps = budget = tr.segment_steps(k)  # this segment's step budget
+        # linear warmup then cosine decay to 10 % over the segment's own budget (a standard short-schedule recipe)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
             lambda s: min(1.0, (s + 1) / max(1, tr.warmup_steps))
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / tr.steps)))),
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / budget)))),
         )
         self.step = 0
         self.gen = torch.Generator().manual_seed(tr.seed * 7919 + 1000 * k + rank)

@@ -48,7 +48,7 @@ def _next_inputs(dist: SegmentDistiller, batches: Iterator[tuple], teacher):
 def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: list[tuple],
         on_report: Callable[[dict], None], world: int = 1, after_step: Callable[[int], None] | None = None,
         progress: bool = False, on_log: Callable[[dict], None] | None = None) -> dict:
-    """Trains ``dist`` from its current step to ``train.steps``, reporting every ``train.checkpoint_every`` steps
+    """Trains ``dist`` from its current step to its segment's ``train.steps`` budget, reporting every ``train.checkpoint_every`` steps
     and streaming live metrics every ``train.log_every`` steps.
 
     The teacher's targets for the next batch are requested (``teacher.submit``) before the student steps on the
@@ -75,7 +75,7 @@ def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: 
     """
     from tqdm.auto import tqdm
 
-    steps, every = dist.cfg.train.steps, dist.cfg.train.checkpoint_every
+    steps, every = dist.steps, dist.cfg.train.checkpoint_every
     log_every = dist.cfg.train.log_every if on_log is not None else 0
     resumed_from, started = dist.step, time.time()
     history, recent, t_train, t_wait, n_samples = [], [], 0.0, 0.0, 0

@@ -23,15 +23,16 @@ class ConsoleProgress:
     """A progress listener for the console.
 
     Args:
-        total_steps: ``train.steps`` (every segment's budget).
+        total_steps: ``train.steps``: every segment's budget, or a list of one budget per segment.
         every_s: at most one line per segment this often for live metrics (checkpoint reports always print).
         stream: where to print (default stdout); a terminal gets tqdm bars instead of lines.
         bars: force bars on (True) or off (False); None: bars when ``stream`` is a terminal.
     """
 
-    def __init__(self, total_steps: int, every_s: float = 10.0, stream: TextIO | None = None,
+    def __init__(self, total_steps: int | list[int], every_s: float = 10.0, stream: TextIO | None = None,
                  bars: bool | None = None):
-        self.total = int(total_steps)
+        self.totals = [int(s) for s in total_steps] if isinstance(total_steps, list) else None
+        self.total = int(total_steps) if self.totals is None else max(self.totals)
         self.every_s = every_s
         self.stream = stream or sys.stdout
         self.bars_on = self.stream.isatty() if bars is None else bars
@@ -53,18 +54,22 @@ class ConsoleProgress:
             elif m.get("kind") != "log" or now - self._last_line.get(k, 0.0) >= self.every_s:
                 self._last_line[k] = now
                 self._print(self._line(k, step, m, rate))
-            if m.get("kind") != "log" and step >= self.total:
+            if m.get("kind") != "log" and step >= self._total(k):
                 self._print(f"[seg-{k:02d}] finished: {step} steps, loss {m.get('loss_avg', float('nan')):.4f}")
+
+    def _total(self, k: int) -> int:
+        return self.totals[k] if self.totals is not None and k < len(self.totals) else self.total
 
     def _line(self, k: int, step: int, m: dict, rate: float | None) -> str:
         loss = m.get("loss_avg", m.get("loss"))
-        parts = [f"[seg-{k:02d}] step {step:>6}/{self.total}", f"loss {loss:.4f}" if loss is not None else ""]
+        total = self._total(k)
+        parts = [f"[seg-{k:02d}] step {step:>6}/{total}", f"loss {loss:.4f}" if loss is not None else ""]
         if m.get("kind") != "log" and m.get("val_loss") is not None:
             parts.append(f"val {m['val_loss']:.4f}")
         if m.get("samples_per_s") is not None:
             parts.append(f"{m['samples_per_s']:.0f} samples/s")
-        if rate and step < self.total:
-            parts.append(f"ETA {_eta((self.total - step) / rate)}")
+        if rate and step < total:
+            parts.append(f"ETA {_eta((total - step) / rate)}")
         return "  ".join(p for p in parts if p)
 
     def _bar(self, k: int, step: int, m: dict) -> None:
@@ -72,7 +77,7 @@ class ConsoleProgress:
 
         bar = self._bars.get(k)
         if bar is None:
-            bar = self._bars[k] = tqdm(total=self.total, desc=f"seg-{k:02d}", position=k, file=self.stream,
+            bar = self._bars[k] = tqdm(total=self._total(k), desc=f"seg-{k:02d}", position=k, file=self.stream,
                                        dynamic_ncols=True)
         bar.update(step - bar.n)
         loss = m.get("loss_avg", m.get("loss"))

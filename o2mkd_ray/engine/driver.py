@@ -299,5 +299,7 @@ def describe_plan(cfg: Config, segments, todo: list[int], teacher_names: list[st
     teacher = (f"{len(teacher_names)} shared actor(s)" + (" (one per node)" if t.replicas == "per_node" else "")
                + f" x {t.num_cpus:g} CPU" + (f" + {t.num_gpus:g} GPU" if t.num_gpus
                else "") if teacher_names else "a copy in each worker (teacher.mode: local)")
-    return "\n".join([f"training {len(todo)} of {segments.n} segments concurrently, {cfg.train.steps} steps each:",
+    steps = cfg.train.steps
+    budget = f"{steps} steps each" if not isinstance(steps, list) else f"steps per segment {steps}"
+    return "\n".join([f"training {len(todo)} of {segments.n} segments concurrently, {budget}:",
                       *lines, f"  teacher: {teacher}", f"  checkpoints: {display_storage(storage)}"])

@@ -112,7 +112,7 @@ def _search_alg(settings: dict, points: list[dict], max_conc: int):
 def _scheduler(settings: dict, trial_cfg: Config):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
-    steps = trial_cfg.train.steps
+    steps = trial_cfg.train.max_steps  # per-segment budgets: the trial reports up to the largest
     grace = min(settings["grace_period"] or trial_cfg.train.checkpoint_every, steps)
     if settings["scheduler"] == "asha":
         return ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=steps, grace_period=grace,

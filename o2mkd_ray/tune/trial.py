@@ -151,19 +151,32 @@ def trial_resources(cfg: Config):
 
 
 class TrialProgress:
-    """Aggregates per-segment reports: once every segment has reached step s, one Tune report for s."""
+    """Aggregates per-segment reports: once every segment has reached step s, one Tune report for s.
 
-    def __init__(self, n: int, total_steps: int, extra: dict, report: Callable[[dict], None]):
-        self.n, self.total, self.extra, self.report = n, total_steps, extra, report
+    With per-segment budgets (``train.steps`` a list), a segment past its own budget stands at step s with its
+    final report, so the trial keeps reporting up to the largest budget."""
+
+    def __init__(self, n: int, total_steps: int | list[int], extra: dict, report: Callable[[dict], None]):
+        self.budgets = list(total_steps) if isinstance(total_steps, list) else [total_steps] * n
+        self.n, self.total, self.extra, self.report = n, max(self.budgets), extra, report
         self.by_step: dict[int, dict[int, dict]] = defaultdict(dict)
+        self.finals: dict[int, dict] = {}  # segments that reached their budget: their last report
         self.last = 0
 
     def __call__(self, k: int, m: dict) -> None:
         s = int(m["step"])
         self.by_step[s][k] = m
-        if len(self.by_step[s]) < self.n or s <= self.last:
+        if s >= self.budgets[k]:
+            self.finals[k] = m
+        for step in sorted(self.by_step):
+            self._aggregate(step)
+
+    def _aggregate(self, s: int) -> None:
+        got = {**{k: m for k, m in self.finals.items() if self.budgets[k] < s}, **self.by_step[s]}
+        if len(got) < self.n or s <= self.last:
             return
-        ms = list(self.by_step.pop(s).values())
+        del self.by_step[s]
+        ms = list(got.values())
         self.last = s
         if s >= self.total:  # the final report (with the objective) stands for the last step
             return
@@ -288,7 +301,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     cost = sampling_cost(cfg, teacher, shape, scheduler.config)  # the teacher is loaded: no second load
     tracker = start_trial_tracker(ctx, cfg, out, trial_id)
     extra = {"cost": cost["cost"], "n": cfg.segments.n, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
-    progress = TrialProgress(cfg.segments.n, cfg.train.steps, extra, tune.report)
+    progress = TrialProgress(cfg.segments.n, cfg.train.steps, extra, tune.report)  # a list: one per segment
     s = ctx.search
     try:
         report = run_distillation(cfg, out, progress=False, on_progress=progress, tracker=tracker,
@@ -304,7 +317,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         raise
     real_cost = float(report["macs_ratio_per_step"])  # report.json's run-weighted ratio, on the trained students
     vals = [x.get("val_loss") for x in report["segments"] if x.get("val_loss") is not None]
-    final = {**extra, **obj, "step": cfg.train.steps, "cost": real_cost, "objective": s["objective"],
+    final = {**extra, **obj, "step": cfg.train.max_steps, "cost": real_cost, "objective": s["objective"],
              "val_loss": float(np.mean(vals)) if vals else float("nan"), "final": True,
              "run_wall_s": float(report.get("wall_s", 0.0))}
     if tracker is not None:

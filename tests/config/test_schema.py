@@ -144,6 +144,10 @@ def test_sections_are_plain_assignable_objects():
 
 @pytest.mark.parametrize("override, line", [
     ("train.steps=true", "train.steps: expected an integer, got True"),
+    # one budget or one per segment: the member the input was meant for speaks, naming a bad entry
+    ("train.steps=0", "train.steps: must be > 0, got 0"),
+    ("train.steps=[300, 0, 300]", "train.steps[1]: must be > 0, got 0"),
+    ("train.steps=[300, 'x', 300]", "train.steps[1]: expected an integer, got 'x'"),
     ("train.steps='3'", "train.steps: expected an integer, got '3'"),
     ("train.steps=2.0", "train.steps: expected an integer, got 2.0"),
     ("train.lr='0.1'", "train.lr: expected a number, got '0.1'"),
@@ -152,7 +156,7 @@ def test_sections_are_plain_assignable_objects():
     ("name=3", "name: expected a string, got 3"),
     ("teacher.pretrained=3", "teacher.pretrained: expected str or null, got 3"),
     ("ray.num_cpus=1.5", "ray.num_cpus: expected int or null, got 1.5"),
-    ("students.width=[0.5,'x',1]", "students.width: expected float or list of float, got [0.5, 'x', 1]"),
+    ("students.width=[0.5,'x',1]", "students.width[1]: expected a number, got 'x'"),
 ])
 def test_types_are_strict(override, line):
     assert _error(lambda: from_dict({}, [override])) == line

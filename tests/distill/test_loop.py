@@ -135,6 +135,32 @@ def test_local_engine_and_ray_worker_report_the_same_metrics(tiny_overrides, tmp
     assert local["steps"] == 4 and local["final_loss"] == ray_run["history"][-1]["loss_avg"]
 
 
+def test_per_segment_step_budgets(tiny_overrides, tmp_path, capsys):
+    """train.steps = [6, 2]: each segment trains, reports and checkpoints up to its own budget, and its learning
+    rate decays to 10 % at its own last step (the cosine spans the segment's budget, not the run's)."""
+    from o2mkd_ray.distill.local import train_local
+    from o2mkd_ray.engine.console import ConsoleProgress
+    from o2mkd_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train\.steps: got 3 budgets for 2 segments; give one number or 2$"):
+        _cfg(tiny_overrides, "segments.n=2", "train.steps=[6, 2, 2]")
+    cfg = _cfg(tiny_overrides, "segments.n=2", "teacher.mode=local", "train.steps=[6, 2]",
+               "train.checkpoint_every=2", "train.warmup_steps=0", "train.lr=0.01")
+    train_local(cfg, tmp_path / "run", progress=False)
+    for k, budget in ((0, 6), (1, 2)):
+        seg = json.loads((tmp_path / "run" / "segments" / f"seg-{k:02d}" / "summary.json").read_text())
+        assert seg["steps"] == budget and [m["step"] for m in seg["history"]] == list(range(2, budget + 1, 2))
+        ckpts = sorted(p.name for p in (tmp_path / "run" / "local" / f"seg-{k:02d}").glob("checkpoint_*"))
+        assert ckpts[-1] == f"checkpoint_{budget:06d}", ckpts
+        dist, _ = _distiller(cfg, k)
+        for _ in range(budget):
+            dist.opt.step()
+            dist.lr_sched.step()
+        assert dist.lr_sched.get_last_lr()[0] == pytest.approx(0.001)  # 10 % of 0.01 at its own budget
+    ConsoleProgress([6, 2], bars=False)(1, {"step": 2, "loss_avg": 0.5, "time": 1.0})
+    assert "[seg-01] finished: 2 steps" in capsys.readouterr().out
+
+
 def test_local_engine_resumes_from_its_newest_usable_checkpoint(tiny_overrides, tmp_path):
     from o2mkd_ray.core.students import build_students
     from o2mkd_ray.core.teacher import LocalTeacher

@@ -218,6 +218,19 @@ def test_progress_aggregates_only_complete_steps():
     assert all(r["cost"] == 0.5 and r["val_loss"] == r["quality"] and not r["final"] for r in got)
 
 
+def test_progress_with_per_segment_budgets_reports_up_to_the_largest():
+    """train.steps = [30, 10]: segment 1 stops at 10 and stands at every later step with its final report."""
+    from o2mkd_ray.tune.trial import TrialProgress
+
+    got = []
+    p = TrialProgress(2, [30, 10], {}, got.append)
+    p(0, {"step": 10, "val_loss": 1.0, "loss_avg": 1.0, "samples_per_s": 5})
+    p(1, {"step": 10, "val_loss": 3.0, "loss_avg": 3.0, "samples_per_s": 7})  # segment 1's last report
+    p(0, {"step": 20, "val_loss": 0.5, "loss_avg": 0.5, "samples_per_s": 5})
+    p(0, {"step": 30, "val_loss": 0.1, "loss_avg": 0.1, "samples_per_s": 5})  # the final step: left to the trial
+    assert [(r["step"], r["quality"]) for r in got] == [(10, 2.0), (20, 1.75)]
+
+
 def test_pareto_front_and_best_selection(tmp_path):
     from o2mkd_ray.tune.report import pareto_front, plot_pareto
 
