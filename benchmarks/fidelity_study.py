@@ -115,6 +115,8 @@ class Question(_Strict):
     cells: list[Cell]
     compare: list[Compare] = []
     notes: str = ""
+    # the answer in plain words, written from the generated tables (the report prints it per teacher that ran)
+    in_plain_words: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _known_cells(self) -> Question:
@@ -545,8 +547,12 @@ def compare_line(c: Compare, aggs: dict[str, dict]) -> str:
         parts.append(f"{header}: `{winner}` better (`{c.a}` {ma:.4g} vs `{c.b}` {mb:.4g}; {verdict})")
     tally = (f"`{c.a}` wins {wins[c.a]} and `{c.b}` wins {wins[c.b]} of {len(CONCLUDE)} measures beyond the "
              f"seed spread")
-    return (f"- **{c.label}** — `{c.a}` ({a['n']} × {a['steps']} = {a['student_steps']} student steps) vs "
-            f"`{c.b}` ({b['n']} × {b['steps']} = {b['student_steps']}): " + "; ".join(parts) + f". {tally}.")
+    def budget(x: dict) -> str:  # "3 × 300 = 900", or per-segment budgets "[500, 200, 200] = 900"
+        return (f"{x['steps']} = {x['student_steps']}" if isinstance(x["steps"], list)
+                else f"{x['n']} × {x['steps']} = {x['student_steps']}")
+
+    return (f"- **{c.label}** — `{c.a}` ({budget(a)} student steps) vs `{c.b}` ({budget(b)}): "
+            + "; ".join(parts) + f". {tally}.")
 
 
 def hardest_third(aggs: list[dict]) -> str:
@@ -613,6 +619,8 @@ def question_section(rows: list[dict], qname: str, q: Question, teacher: str, pl
         out += [f"![{qname} {teacher}]({png.name})", "", "Conclusion (generated from the table above):", ""]
         by_name = {a["cell"]: a for a in aggs}
         out += [compare_line(c, by_name) for c in q.compare] + [hardest_third(aggs), ""]
+        if teacher in q.in_plain_words:
+            out += [f"**In plain words** (written from this table): {q.in_plain_words[teacher].strip()}", ""]
     out += [not_run(qname, q, teacher, {a["cell"] for a in aggs})]
     return out
 
