@@ -48,8 +48,8 @@ def _next_inputs(dist: SegmentDistiller, batches: Iterator[tuple], teacher):
 def run(dist: SegmentDistiller, batches: Iterator[tuple], teacher, val_batches: list[tuple],
         on_report: Callable[[dict], None], world: int = 1, after_step: Callable[[int], None] | None = None,
         progress: bool = False, on_log: Callable[[dict], None] | None = None) -> dict:
-    """Trains ``dist`` from its current step to its segment's ``train.steps`` budget, reporting every ``train.checkpoint_every`` steps
-    and streaming live metrics every ``train.log_every`` steps.
+    """Trains ``dist`` from its current step to its segment's ``train.steps`` budget, reporting every
+    ``train.checkpoint_every`` steps and streaming live metrics every ``train.log_every`` steps.
 
     The teacher's targets for the next batch are requested (``teacher.submit``) before the student steps on the
     current one, so a remote teacher computes them meanwhile; ``teacher.result`` collects them.
