@@ -449,11 +449,12 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, teachers: lis
                     continue
                 for seed in seeds if seeds is not None else grid.seeds:
                     key = row_key(teacher, qname, cell.name, seed)
-                    done |= {r["key"] for r in read_results(results)}  # other processes may have added some
+                    rows = read_results(results)  # other processes may have added some
+                    done |= {r["key"] for r in rows}
                     if key in done:
                         stats["skipped"] += 1
                         continue
-                    same = reusable_rows(grid, read_results(results)).get(cell_signature(grid, teacher, cell, seed))
+                    same = reusable_rows(grid, rows).get(cell_signature(grid, teacher, cell, seed))
                     if same is not None:
                         append_result(results, {**same, "key": key, "question": qname, "cell": cell.name,
                                                 "reused_from": same["key"]})
