@@ -110,13 +110,13 @@ def _actor_threads(handle) -> dict:
 SERVE_APP = "o2mkd-teacher-bench"
 
 
-def start_serve_teacher(tcfg, num_replicas: int = 1):
-    """The same teacher as a Ray Serve deployment: ``@serve.batch`` merges concurrent requests (up to
-    ``max_batch`` samples' worth of requests, waiting at most ``max_wait_ms``), callers use a DeploymentHandle.
-    No HTTP proxy: the students call it from Python, as they call the actor."""
+def start_serve_teacher(tcfg, batch: int, num_replicas: int = 1):
+    """The same teacher as a Ray Serve deployment: ``@serve.batch`` merges concurrent requests (as many
+    ``batch``-sample requests as fit in ``max_batch`` samples, waiting at most ``max_wait_ms``), callers use a
+    DeploymentHandle. No HTTP proxy: the students call it from Python, as they call the actor."""
     from ray import serve
 
-    max_requests = max(1, tcfg.max_batch // 64)
+    max_requests = max(1, tcfg.max_batch // batch)  # serve.batch counts requests, the actor's max_batch samples
 
     @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_cpus": tcfg.num_cpus},
                       max_ongoing_requests=64)
@@ -128,7 +128,7 @@ def start_serve_teacher(tcfg, num_replicas: int = 1):
 
             model, _ = load_teacher(build_section(TeacherConfig, teacher_cfg))
             self.fn = TeacherFn(model, None)
-            self.forwards = self.requests = 0
+            self.forwards = self.requests = self.samples = 0
             self.busy_s = 0.0
 
         @serve.batch(max_batch_size=max_requests, batch_wait_timeout_s=tcfg.max_wait_ms / 1000.0)
@@ -143,6 +143,7 @@ def start_serve_teacher(tcfg, num_replicas: int = 1):
             self.busy_s += time.perf_counter() - t0
             self.forwards += 1
             self.requests += len(reqs)
+            self.samples += len(x)
             out, i = [], 0
             for r in reqs:
                 out.append(eps[i:i + r[0].shape[0]])
@@ -152,8 +153,9 @@ def start_serve_teacher(tcfg, num_replicas: int = 1):
         async def __call__(self, x_t, t):
             return await self.predict((x_t, t))
 
-        def get_stats(self) -> dict:
-            return {"forwards": self.forwards, "requests": self.requests, "busy_s": self.busy_s}
+        def get_stats(self) -> dict:  # the actor's counters that Serve has (it does not tell callers apart)
+            return {"forwards": self.forwards, "requests": self.requests, "samples": self.samples,
+                    "busy_s": self.busy_s, "by_client": {}}
 
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # no line per request
     serve.start(proxy_location="Disabled", logging_config=quiet)
@@ -186,7 +188,7 @@ def part_a(args, tcfg, shape, fn) -> dict:
     client = TeacherClient(actor_names("bench-a", 1), client="bench-a")
     variants = {"inproc": fn, "actor": client}
     if args.serve:
-        variants["serve"] = ServeClient(start_serve_teacher(tcfg))
+        variants["serve"] = ServeClient(start_serve_teacher(tcfg, args.batch))
     x_t, t = _inputs(args.batch, shape, 0)
     for _ in range(3):  # warm-up all
         for f in variants.values():
@@ -219,7 +221,7 @@ def part_b(args, tcfg, shape, serve: bool = False) -> dict:
     from o2mkd_ray.engine.teacher_service import actor_names, start_teacher
 
     if serve:
-        handle = start_serve_teacher(tcfg)
+        handle = start_serve_teacher(tcfg, args.batch)
         names = []
     else:
         (handle,) = start_teacher(tcfg, "bench-b", None)
@@ -249,30 +251,23 @@ def part_b(args, tcfg, shape, serve: bool = False) -> dict:
 
     callers = [Caller.remote(k) for k in range(args.callers)]
     ray.get([c.warm.remote() for c in callers])  # all processes up and connected before the clock starts
-    if serve:
-        before = handle.get_stats.remote().result()
-        t0 = time.perf_counter()
-        runs = ray.get([c.run.remote(args.iters) for c in callers])
-        wall = time.perf_counter() - t0
-        after = handle.get_stats.remote().result()
-        for c in callers:
-            ray.kill(c)
-        from ray import serve as ray_serve
 
-        ray_serve.delete(SERVE_APP)
-        d = {k: after[k] - before[k] for k in ("requests", "forwards", "busy_s")}
-        d["mean_batch"] = d["requests"] / max(1, d["forwards"])
-        samples = args.callers * args.iters * args.batch
-        return {"runs": runs, "wall_s": wall, "stats": d, "samples": samples, "samples_per_s": samples / wall,
-                "busy_fraction": d["busy_s"] / wall}
-    before = ray.get(handle.get_stats.remote())
+    def counters() -> dict:
+        return handle.get_stats.remote().result() if serve else ray.get(handle.get_stats.remote())
+
+    before = counters()
     t0 = time.perf_counter()
     runs = ray.get([c.run.remote(args.iters) for c in callers])
     wall = time.perf_counter() - t0
-    stats = _delta(ray.get(handle.get_stats.remote()), before)
+    stats = _delta(counters(), before)
     for c in callers:
         ray.kill(c)
-    ray.kill(handle)
+    if serve:
+        from ray import serve as ray_serve
+
+        ray_serve.delete(SERVE_APP)
+    else:
+        ray.kill(handle)
     samples = args.callers * args.iters * args.batch
     return {"runs": runs, "wall_s": wall, "stats": stats, "samples": samples, "samples_per_s": samples / wall,
             "busy_fraction": stats["busy_s"] / wall}
